@@ -1,0 +1,91 @@
+"""Input tensors and the frozen-backbone feature cache.
+
+A frozen backbone (no gradients, BatchNorm in eval mode) maps an image to the same vector every
+time, so its embedding is computed once per (data version, file list, backbone, weights, image
+size) and the head trains on the cached vectors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from lib.cache import cached_array, decoded_images
+from lib.config import stable_hash
+from lib.data import ImageFolder
+from lib.models import Preprocessing, build_backbone, weights_identity
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """Return ``preferred`` if given, else CUDA when available, else the CPU."""
+    if preferred:
+        return torch.device(preferred)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_model_input(
+    batch_uint8: torch.Tensor, prep: Preprocessing, device: torch.device, channels_last: bool = True
+) -> torch.Tensor:
+    """Convert a uint8 ``[B, 3, S, S]`` batch to a normalised float tensor on ``device``."""
+    batch = batch_uint8.to(device, non_blocking=True).float().div_(255.0)
+    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
+    batch = (batch - mean) / std
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+
+
+@torch.inference_mode()
+def embed_images(
+    backbone: nn.Module,
+    images: np.ndarray,
+    prep: Preprocessing,
+    device: torch.device,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "features",
+) -> np.ndarray:
+    """Run a backbone in eval mode over uint8 images; return float32 features ``[N, F]``."""
+    backbone.eval().to(device)
+    backbone = backbone.to(memory_format=torch.channels_last)
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    chunks = []
+    for start in starts:
+        batch = torch.from_numpy(images[start : start + batch_size])
+        chunks.append(backbone(to_model_input(batch, prep, device)).float().cpu())
+    return torch.cat(chunks).numpy()
+
+
+def cached_features(
+    folder: ImageFolder,
+    backbone_name: str,
+    weights: str,
+    image_size: int,
+    data_md5: str,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, bool]:
+    """Return ``(features [N, F], cache_hit)`` of a frozen backbone over a split, cached on disk."""
+    key = {
+        "data": data_md5,
+        "root": folder.root.name,
+        "files": stable_hash(folder.relpaths(), 32),
+        "backbone": backbone_name,
+        "weights": weights_identity(weights),
+        "size": image_size,
+        "version": 1,
+    }
+
+    def build() -> np.ndarray:
+        images = decoded_images(folder, image_size, data_md5, progress=progress)
+        backbone, _, prep = build_backbone(backbone_name, weights, image_size)
+        return embed_images(
+            backbone, images, prep, pick_device(str(device) if device else None), progress=progress,
+            desc=f"{backbone_name} features {folder.root.name}",
+        )
+
+    return cached_array("features", key, build)

@@ -1,0 +1,236 @@
+"""MLflow: tracking URI, experiments, lineage tags, batched metrics, run lookup and clean-up."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from lib import paths
+
+DEFAULT_EXPERIMENT = "sea-vs-forest"
+TAG_GRID_ID = "grid_id"
+TAG_RUN_KEY = "run_key"
+TAG_STRATEGY = "strategy"
+TAG_GRID_POINT = "grid_point"
+TAG_COMPLETE = "pipeline_complete"
+TAG_RUNNER = "runner"  # host:pid of the process that owns a RUNNING run
+TAG_KIND = "run_kind"  # grid_point | fold | data | comparison
+
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or store cannot be used; the message names the URI."""
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI`` or the repo's SQLite file)."""
+    uri = tracking_uri or paths.default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    """Return True for stores only this machine can reach (SQLite files, file paths)."""
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast (before any training) when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise TrackingError(f"{uri}: tracking server answered HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(
+            f"{uri}: tracking server unreachable ({exc}); start it (see README: MLflow server) "
+            "or drop --tracking-uri to use the local SQLite store"
+        ) from exc
+
+
+def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
+    """Return the id of experiment ``name``, creating it (local artifact folder for SQLite)."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = paths.default_artifact_root().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another worker
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_info() -> dict[str, str]:
+    """Return ``{"git_commit", "git_dirty"}`` of the repository ("unknown" outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def code_version() -> str:
+    """Return a hash of the code that produces results: ``lib/*.py`` and ``notebooks/*.ipynb``."""
+    digest = hashlib.sha256()
+    files = sorted((paths.REPO_ROOT / "lib").glob("*.py")) + sorted(
+        paths.notebooks_dir().glob("*.ipynb")
+    )
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def runner_identity() -> str:
+    """Return ``host:pid`` of this process, stored on runs it owns."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(identity: str) -> bool:
+    host, _, pid = identity.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's run: not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_stale_runs(experiment_id: str) -> list[str]:
+    """Mark runs whose owning runner process is gone as KILLED; return their ids.
+
+    Covers runs left RUNNING by a SIGKILL and grid points that never completed.
+    """
+    client = MlflowClient()
+    stale = []
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.{TAG_RUNNER} != ''", max_results=5000
+    )
+    for run in runs:
+        owner = run.data.tags.get(TAG_RUNNER, "")
+        complete = run.data.tags.get(TAG_COMPLETE) == "true"
+        if run.info.status in ("RUNNING", "SCHEDULED") or (
+            not complete and run.info.status == "FINISHED"
+            and run.data.tags.get(TAG_KIND) == "grid_point"
+        ):
+            if owner and not _owner_alive(owner):
+                client.set_tag(run.info.run_id, "killed_reason", f"runner {owner} is gone")
+                client.set_terminated(run.info.run_id, "KILLED")
+                stale.append(run.info.run_id)
+    return stale
+
+
+def find_completed_run(experiment_id: str, key: str) -> str | None:
+    """Return the id of a FINISHED, complete grid-point run with run key ``key``, if any."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.{TAG_RUN_KEY} = '{key}' and tags.{TAG_COMPLETE} = 'true' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def latest_run(experiment_name: str, filter_string: str = "") -> str:
+    """Return the newest FINISHED run of an experiment that matches a filter (by-hand notebooks)."""
+    experiment = MlflowClient().get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise TrackingError(f"experiment {experiment_name!r} not found at {mlflow.get_tracking_uri()}")
+    query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
+    runs = MlflowClient().search_runs(
+        [experiment.experiment_id], filter_string=query, max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if not runs:
+        raise TrackingError(
+            f"no finished run matching {filter_string!r} in experiment {experiment_name!r}; "
+            "run notebooks/02_train_cv.ipynb (or run_experiments.py) first"
+        )
+    return runs[0].info.run_id
+
+
+def log_batch(run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
+              tags: dict[str, Any] | None = None, step: int = 0) -> None:
+    """Log metrics, params and tags in as few requests as possible (MLflow batch limits respected)."""
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    metric_list = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+    param_list = [Param(k, str(v)) for k, v in (params or {}).items()]
+    tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for start in range(0, max(len(metric_list), len(param_list), len(tag_list), 1), 100):
+        client.log_batch(
+            run_id,
+            metrics=metric_list[start : start + 100],
+            params=param_list[start : start + 100],
+            tags=tag_list[start : start + 100],
+        )
+
+
+def log_history(run_id: str, history: list[dict[str, float]]) -> None:
+    """Log per-epoch metrics of one fold with ``step`` = epoch, in batches."""
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(name, float(value), now, int(record["epoch"]))
+        for record in history
+        for name, value in record.items()
+        if name != "epoch"
+    ]
+    client = MlflowClient()
+    for start in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[start : start + 500])
+
+
+@contextlib.contextmanager
+def active_run(run_id: str, managed: bool) -> Iterator[mlflow.ActiveRun]:
+    """Make an existing run the active one for a notebook.
+
+    When ``managed`` (the runner owns the run) the status is left RUNNING for the runner to
+    finish; otherwise the run ends FINISHED, or FAILED if the block raises.
+    """
+    run = mlflow.start_run(run_id=run_id)
+    try:
+        yield run
+    except BaseException:
+        mlflow.end_run("RUNNING" if managed else "FAILED")
+        raise
+    mlflow.end_run("RUNNING" if managed else "FINISHED")
+
+
+def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
+    """Download one artifact of a run and return its local path."""
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=artifact_path, dst_path=str(dst) if dst else None
+    )
+    return Path(local)
