@@ -23,13 +23,22 @@ def save_checkpoint(
     backbone: str,
     dropout: float = 0.0,
     metadata: dict[str, Any] | None = None,
+    head_only_with_weights: str | None = None,
 ) -> Path:
-    """Write model weights, class list, preprocessing and backbone name atomically; return the path."""
+    """Write model weights, class list, preprocessing and backbone name atomically; return the path.
+
+    With ``head_only_with_weights`` (the backbone's weights spec, e.g. ``imagenet``) only the head
+    is stored: right for a frozen backbone, which is rebuilt from those weights when loading.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if head_only_with_weights:
+        state = {k: v for k, v in state.items() if k.startswith("head.")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": 1,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
+        "backbone_weights": head_only_with_weights or "",
         "classes": list(classes),
         "preprocessing": preprocessing.to_dict(),
         "backbone": backbone,
@@ -57,10 +66,15 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier, list[str], Preprocess
     prep = Preprocessing(
         int(prep_dict["image_size"]), tuple(prep_dict["mean"]), tuple(prep_dict["std"])
     )
+    backbone_weights = payload.get("backbone_weights") or "none"
     model, _ = build_classifier(
-        payload["backbone"], "none", prep.image_size, len(payload["classes"]),
-        payload.get("dropout", 0.0), seed=0,
+        payload["backbone"],
+        backbone_weights,
+        prep.image_size,
+        len(payload["classes"]),
+        payload.get("dropout", 0.0),
+        seed=0,
     )
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(payload["state_dict"], strict=backbone_weights == "none")
     model.eval()
     return model, list(payload["classes"]), prep, payload

@@ -113,7 +113,9 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     if key == "image_size" and not 32 <= value <= 1024:
         raise ConfigError(f"{where}: image_size must be between 32 and 1024, got {value}")
     if key == "patience" and value < 0:
-        raise ConfigError(f"{where}: patience must be >= 0 (0 disables early stopping), got {value}")
+        raise ConfigError(
+            f"{where}: patience must be >= 0 (0 disables early stopping), got {value}"
+        )
     if key == "min_accuracy" and not 0 <= value <= 1:
         raise ConfigError(f"{where}: min_accuracy must be within [0, 1], got {value}")
     return value
@@ -132,7 +134,9 @@ def validate_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
         if isinstance(value, list):
             if not value:
                 raise ConfigError(f"{where}.{key}: an empty list gives no grid points")
-            cleaned[key] = [_check_value(key, v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+            cleaned[key] = [
+                _check_value(key, v, f"{where}.{key}[{i}]") for i, v in enumerate(value)
+            ]
         else:
             cleaned[key] = _check_value(key, value, f"{where}.{key}")
     return cleaned

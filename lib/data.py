@@ -87,7 +87,9 @@ def check_image(path: Path) -> BadImage | None:
     return None
 
 
-def scan_image_folder(folder: str | Path, validate: bool = True, skip_bad: bool = False) -> ImageFolder:
+def scan_image_folder(
+    folder: str | Path, validate: bool = True, skip_bad: bool = False
+) -> ImageFolder:
     """Scan ``folder/<class>/*`` into an ImageFolder.
 
     Every file is decoded when ``validate`` is true. Bad files raise a DataError listing each

@@ -84,7 +84,11 @@ def cached_features(
         images = decoded_images(folder, image_size, data_md5, progress=progress)
         backbone, _, prep = build_backbone(backbone_name, weights, image_size)
         return embed_images(
-            backbone, images, prep, pick_device(str(device) if device else None), progress=progress,
+            backbone,
+            images,
+            prep,
+            pick_device(str(device) if device else None),
+            progress=progress,
             desc=f"{backbone_name} features {folder.root.name}",
         )
 

@@ -69,7 +69,9 @@ def load_state_dict_by_position(model: nn.Module, source: dict, origin: str) -> 
     Classifier tensors (the last ones, sized for 1000 ImageNet classes) are skipped.
     """
     target = model.state_dict()
-    source_items = [(k, v) for k, v in source.items() if not k.startswith(("_fc.", "fc.", "classifier."))]
+    source_items = [
+        (k, v) for k, v in source.items() if not k.startswith(("_fc.", "fc.", "classifier."))
+    ]
     target_keys = [k for k in target if not k.startswith(("fc.", "classifier."))]
     if len(source_items) != len(target_keys):
         raise WeightsError(
@@ -146,7 +148,9 @@ def _efficientnet_lite0(weights: str) -> tuple[nn.Module, int, Preprocessing]:
 BACKBONE_BUILDERS = {"resnet18": _resnet18, "efficientnet_lite0": _efficientnet_lite0}
 
 
-def build_backbone(name: str, weights: str, image_size: int) -> tuple[nn.Module, int, Preprocessing]:
+def build_backbone(
+    name: str, weights: str, image_size: int
+) -> tuple[nn.Module, int, Preprocessing]:
     """Return ``(backbone, feature_dim, preprocessing)`` for a registered backbone name."""
     if name not in BACKBONE_BUILDERS:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONE_BUILDERS)}")

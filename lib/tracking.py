@@ -82,6 +82,7 @@ def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
 
 def git_info() -> dict[str, str]:
     """Return ``{"git_commit", "git_dirty"}`` of the repository ("unknown" outside git)."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True, check=True
@@ -139,7 +140,8 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
         owner = run.data.tags.get(TAG_RUNNER, "")
         complete = run.data.tags.get(TAG_COMPLETE) == "true"
         if run.info.status in ("RUNNING", "SCHEDULED") or (
-            not complete and run.info.status == "FINISHED"
+            not complete
+            and run.info.status == "FINISHED"
             and run.data.tags.get(TAG_KIND) == "grid_point"
         ):
             if owner and not _owner_alive(owner):
@@ -167,10 +169,14 @@ def latest_run(experiment_name: str, filter_string: str = "") -> str:
     """Return the newest FINISHED run of an experiment that matches a filter (by-hand notebooks)."""
     experiment = MlflowClient().get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise TrackingError(f"experiment {experiment_name!r} not found at {mlflow.get_tracking_uri()}")
+        raise TrackingError(
+            f"experiment {experiment_name!r} not found at {mlflow.get_tracking_uri()}"
+        )
     query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
     runs = MlflowClient().search_runs(
-        [experiment.experiment_id], filter_string=query, max_results=1,
+        [experiment.experiment_id],
+        filter_string=query,
+        max_results=1,
         order_by=["attributes.start_time DESC"],
     )
     if not runs:
@@ -181,8 +187,13 @@ def latest_run(experiment_name: str, filter_string: str = "") -> str:
     return runs[0].info.run_id
 
 
-def log_batch(run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
-              tags: dict[str, Any] | None = None, step: int = 0) -> None:
+def log_batch(
+    run_id: str,
+    metrics: dict[str, float] | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    step: int = 0,
+) -> None:
     """Log metrics, params and tags in as few requests as possible (MLflow batch limits respected)."""
     client = MlflowClient()
     now = int(time.time() * 1000)

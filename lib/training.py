@@ -71,8 +71,14 @@ class FoldResult:
 class TrainingInputs:
     """Everything a strategy trains on: the inputs array, labels and how to turn rows into a batch."""
 
-    def __init__(self, strategy: Strategy, folder: ImageFolder, data_md5: str, device: torch.device,
-                 progress: bool = False):
+    def __init__(
+        self,
+        strategy: Strategy,
+        folder: ImageFolder,
+        data_md5: str,
+        device: torch.device,
+        progress: bool = False,
+    ):
         self.strategy = strategy
         self.device = device
         self.labels = torch.from_numpy(folder.labels)
@@ -80,14 +86,23 @@ class TrainingInputs:
         self.num_classes = len(folder.classes)
         self.use_features = strategy.freeze_backbone and strategy.use_feature_cache
         model, self.prep = build_classifier(
-            strategy.backbone, strategy.weights, strategy.image_size, self.num_classes,
-            strategy.dropout, strategy.seed,
+            strategy.backbone,
+            strategy.weights,
+            strategy.image_size,
+            self.num_classes,
+            strategy.dropout,
+            strategy.seed,
         )
         self.template = model
         if self.use_features:
             features, self.cache_hit = cached_features(
-                folder, strategy.backbone, strategy.weights, strategy.image_size, data_md5,
-                device, progress,
+                folder,
+                strategy.backbone,
+                strategy.weights,
+                strategy.image_size,
+                data_md5,
+                device,
+                progress,
             )
             self.inputs = torch.from_numpy(features)
         else:
@@ -101,7 +116,9 @@ class TrainingInputs:
         model = copy.deepcopy(self.template)
         from lib.models import build_head
 
-        model.head = build_head(model.head[1].in_features, self.num_classes, self.strategy.dropout, seed)
+        model.head = build_head(
+            model.head[1].in_features, self.num_classes, self.strategy.dropout, seed
+        )
         if self.strategy.freeze_backbone:
             freeze_backbone(model)
         return model.to(self.device)
@@ -122,8 +139,9 @@ class TrainingInputs:
 
 
 @torch.inference_mode()
-def predict_rows(inputs: TrainingInputs, module: nn.Module, rows: torch.Tensor,
-                 batch_size: int = 128) -> torch.Tensor:
+def predict_rows(
+    inputs: TrainingInputs, module: nn.Module, rows: torch.Tensor, batch_size: int = 128
+) -> torch.Tensor:
     """Return softmax probabilities ``[len(rows), C]`` of ``module`` in eval mode."""
     module.eval()
     outputs = [
@@ -174,11 +192,17 @@ def train_rows(
             optimizer.step()
             total_loss += loss.item() * len(rows)
             correct += int((logits.argmax(1) == targets).sum())
-        record = {"epoch": epoch, "train_loss": total_loss / len(order), "train_accuracy": correct / len(order)}
+        record = {
+            "epoch": epoch,
+            "train_loss": total_loss / len(order),
+            "train_accuracy": correct / len(order),
+        }
         if val_rows is not None and len(val_rows):
             probs = predict_rows(inputs, module, val_rows)
             targets = inputs.labels[val_rows]
-            record["val_loss"] = float(nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), targets))
+            record["val_loss"] = float(
+                nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), targets)
+            )
             record["val_accuracy"] = float((probs.argmax(1) == targets).float().mean())
             if record["val_loss"] < best[0] - 1e-6:
                 best, stale = (record["val_loss"], epoch, copy.deepcopy(module.state_dict())), 0
@@ -212,10 +236,12 @@ class CVResult:
         """Return mean and std (ddof=1) of fold validation accuracy and loss, and timing."""
         acc = np.array([f.val_accuracy for f in self.folds])
         loss = np.array([f.val_loss for f in self.folds])
-        std = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+        std = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
         return {
-            "cv_accuracy_mean": float(acc.mean()), "cv_accuracy_std": std(acc),
-            "cv_loss_mean": float(loss.mean()), "cv_loss_std": std(loss),
+            "cv_accuracy_mean": float(acc.mean()),
+            "cv_accuracy_std": std(acc),
+            "cv_loss_mean": float(loss.mean()),
+            "cv_loss_std": std(loss),
             "cv_train_seconds": float(sum(f.train_seconds for f in self.folds)),
             "cv_setup_seconds": self.setup_seconds,
             "cv_images_per_second": float(np.mean([f.images_per_second for f in self.folds])),
@@ -226,8 +252,13 @@ class CVResult:
         return max(1, int(round(np.mean([f.best_epoch for f in self.folds]))))
 
 
-def prepare_inputs(strategy: Strategy, folder: ImageFolder, data_md5: str,
-                   device: str | None = None, progress: bool = False) -> tuple[TrainingInputs, float]:
+def prepare_inputs(
+    strategy: Strategy,
+    folder: ImageFolder,
+    data_md5: str,
+    device: str | None = None,
+    progress: bool = False,
+) -> tuple[TrainingInputs, float]:
     """Load (or build) the cached inputs of a strategy; return them and the seconds it took."""
     start = time.perf_counter()
     inputs = TrainingInputs(strategy, folder, data_md5, pick_device(device), progress)
@@ -261,25 +292,41 @@ def cross_validate(
         seconds = time.perf_counter() - start
         best = history[best_epoch - 1]
         seen = len(train_idx) * len(history)
-        results.append(FoldResult(
-            fold=fold, history=history, best_epoch=best_epoch, val_loss=best["val_loss"],
-            val_accuracy=best["val_accuracy"], val_probabilities=probs.numpy(),
-            val_indices=val_idx.numpy(), train_seconds=seconds,
-            images_per_second=seen / seconds if seconds else float("nan"),
-            state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        ))
+        results.append(
+            FoldResult(
+                fold=fold,
+                history=history,
+                best_epoch=best_epoch,
+                val_loss=best["val_loss"],
+                val_accuracy=best["val_accuracy"],
+                val_probabilities=probs.numpy(),
+                val_indices=val_idx.numpy(),
+                train_seconds=seconds,
+                images_per_second=seen / seconds if seconds else float("nan"),
+                state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            )
+        )
         if progress:
             print(
                 f"  fold {fold + 1}/{strategy.folds}: val_accuracy={best['val_accuracy']:.4f} "
                 f"val_loss={best['val_loss']:.4f} best_epoch={best_epoch}/{len(history)} "
-                f"({seconds:.1f}s)", flush=True,
+                f"({seconds:.1f}s)",
+                flush=True,
             )
-    return CVResult(strategy, folder.classes, results, assignment, inputs.prep, inputs.cache_hit, setup)
+    return CVResult(
+        strategy, folder.classes, results, assignment, inputs.prep, inputs.cache_hit, setup
+    )
 
 
-def refit(strategy: Strategy, folder: ImageFolder, data_md5: str, epochs: int,
-          device: str | None = None, inputs: TrainingInputs | None = None,
-          progress: bool = False) -> tuple[Classifier, list[dict[str, float]], float]:
+def refit(
+    strategy: Strategy,
+    folder: ImageFolder,
+    data_md5: str,
+    epochs: int,
+    device: str | None = None,
+    inputs: TrainingInputs | None = None,
+    progress: bool = False,
+) -> tuple[Classifier, list[dict[str, float]], float]:
     """Train on all of ``folder`` for ``epochs``; return ``(model on CPU, history, seconds)``."""
     if inputs is None:
         inputs, _ = prepare_inputs(strategy, folder, data_md5, device, progress)

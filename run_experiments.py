@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Run the experiment grid: papermill notebooks per strategy, MLflow tracking, HTML reports.
+
+Example: ``python run_experiments.py --grid strategies.yaml`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lib.config import ConfigError
+from lib.data import DataError
+from lib.notebooks import NotebookParameterError
+from lib.runner import RunnerOptions, run_grid
+from lib.tracking import DEFAULT_EXPERIMENT, TrackingError
+
+
+def parse_args(argv: list[str] | None = None) -> RunnerOptions:
+    """Parse the command line into RunnerOptions."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        default=Path("strategies.yaml"),
+        help="grid YAML file (default: strategies.yaml)",
+    )
+    parser.add_argument(
+        "--only", action="append", metavar="NAME", help="run only this strategy (repeatable)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    parser.add_argument("--force", action="store_true", help="re-run grid points already finished")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
+        "or sqlite:///mlflow.db in the repository)",
+    )
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    parser.add_argument("--workers", type=int, default=1, help="grid points run in parallel")
+    parser.add_argument(
+        "--executor",
+        choices=["local", "dask"],
+        default="local",
+        help="local processes (default) or a Dask cluster",
+    )
+    parser.add_argument(
+        "--scheduler",
+        help="Dask scheduler address tcp://HOST:PORT "
+        "(default with --executor dask: a LocalCluster)",
+    )
+    parser.add_argument("--data-dir", help="dataset root with train/ and test/ (default: data/)")
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out unreadable images (counted in MLflow) instead of failing",
+    )
+    parser.add_argument(
+        "--eval-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra labelled folder to evaluate every model on (repeatable)",
+    )
+    parser.add_argument(
+        "--gate",
+        action="store_true",
+        help="exit non-zero (3) when the champion fails its quality gate",
+    )
+    parser.add_argument(
+        "--no-register",
+        action="store_true",
+        help="do not register the champion in the model registry",
+    )
+    parser.add_argument(
+        "--model-name", help="registered model name (default: <experiment>-classifier)"
+    )
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    return RunnerOptions(
+        grid=args.grid,
+        only=args.only,
+        dry_run=args.dry_run,
+        force=args.force,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        workers=args.workers,
+        executor=args.executor,
+        scheduler=args.scheduler,
+        data_dir=args.data_dir,
+        skip_bad_images=args.skip_bad_images,
+        extra_eval_dirs=args.eval_dir,
+        gate=args.gate,
+        register=not args.no_register,
+        model_name=args.model_name,
+        device=args.device,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the grid; return the process exit code (2 for invalid input)."""
+    options = parse_args(argv)
+    try:
+        return run_grid(options)
+    except (
+        ConfigError,
+        DataError,
+        TrackingError,
+        NotebookParameterError,
+        FileNotFoundError,
+    ) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
