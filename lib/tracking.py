@@ -139,15 +139,21 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
     for run in runs:
         owner = run.data.tags.get(TAG_RUNNER, "")
         complete = run.data.tags.get(TAG_COMPLETE) == "true"
-        if run.info.status in ("RUNNING", "SCHEDULED") or (
-            not complete
-            and run.info.status == "FINISHED"
-            and run.data.tags.get(TAG_KIND) == "grid_point"
+        if (
+            (
+                run.info.status in ("RUNNING", "SCHEDULED")
+                or (
+                    not complete
+                    and run.info.status == "FINISHED"
+                    and run.data.tags.get(TAG_KIND) == "grid_point"
+                )
+            )
+            and owner
+            and not _owner_alive(owner)
         ):
-            if owner and not _owner_alive(owner):
-                client.set_tag(run.info.run_id, "killed_reason", f"runner {owner} is gone")
-                client.set_terminated(run.info.run_id, "KILLED")
-                stale.append(run.info.run_id)
+            client.set_tag(run.info.run_id, "killed_reason", f"runner {owner} is gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+            stale.append(run.info.run_id)
     return stale
 
 

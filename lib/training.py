@@ -236,7 +236,10 @@ class CVResult:
         """Return mean and std (ddof=1) of fold validation accuracy and loss, and timing."""
         acc = np.array([f.val_accuracy for f in self.folds])
         loss = np.array([f.val_loss for f in self.folds])
-        std = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+        def std(a):
+            return float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
         return {
             "cv_accuracy_mean": float(acc.mean()),
             "cv_accuracy_std": std(acc),
@@ -249,7 +252,7 @@ class CVResult:
 
     def refit_epochs(self) -> int:
         """Return the epoch count for the refit: the rounded mean best epoch over folds."""
-        return max(1, int(round(np.mean([f.best_epoch for f in self.folds]))))
+        return max(1, round(np.mean([f.best_epoch for f in self.folds])))
 
 
 def prepare_inputs(
