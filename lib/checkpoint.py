@@ -39,6 +39,7 @@ def save_checkpoint(
         "format": 1,
         "state_dict": state,
         "backbone_weights": head_only_with_weights or "",
+        "head_only": bool(head_only_with_weights),
         "classes": list(classes),
         "preprocessing": preprocessing.to_dict(),
         "backbone": backbone,
@@ -75,6 +76,6 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier, list[str], Preprocess
         payload.get("dropout", 0.0),
         seed=0,
     )
-    model.load_state_dict(payload["state_dict"], strict=backbone_weights == "none")
+    model.load_state_dict(payload["state_dict"], strict=not payload.get("head_only", False))
     model.eval()
     return model, list(payload["classes"]), prep, payload

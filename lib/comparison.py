@@ -60,6 +60,11 @@ class GridComparison:
             order_by=["attributes.start_time DESC"],
             max_results=5000,
         )
+        if frame.empty:
+            raise tracking.TrackingError(
+                f"grid {grid_id}: no finished grid-point runs in experiment {experiment_name!r} "
+                "(every grid point failed?); see reports/index.html for the errors"
+            )
         point_col = f"tags.{tracking.TAG_GRID_POINT}"
         frame = frame.drop_duplicates(point_col).set_index(point_col).sort_index()
         frame.index.name = "grid point"

@@ -154,7 +154,9 @@ def build_backbone(
     """Return ``(backbone, feature_dim, preprocessing)`` for a registered backbone name."""
     if name not in BACKBONE_BUILDERS:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONE_BUILDERS)}")
-    backbone, num_features, prep = BACKBONE_BUILDERS[name](weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # `weights: none` gives the same random backbone every time
+        backbone, num_features, prep = BACKBONE_BUILDERS[name](weights)
     return backbone, num_features, Preprocessing(image_size, prep.mean, prep.std)
 
 

@@ -1,0 +1,175 @@
+"""Scanning and validating image folders, the data version and the shared folds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib import paths
+from lib.cache import decoded_images
+from lib.data import (
+    DataError,
+    assign_folds,
+    check_same_classes,
+    data_version,
+    directory_md5,
+    expected_data_md5,
+    require_split,
+    scan_image_folder,
+)
+
+
+def test_scan_sorts_classes_and_labels_files(image_dataset):
+    folder = scan_image_folder(image_dataset / "train")
+    assert folder.classes == ["forest", "sea"]
+    assert folder.class_counts() == {"forest": 12, "sea": 12}
+    assert all(
+        folder.classes[label] == path.parent.name
+        for path, label in zip(folder.paths, folder.labels)
+    )
+
+
+def _write_bad_files(train):
+    good = next((train / "sea").glob("*.jpg")).read_bytes()
+    (train / "sea" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (train / "sea" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 50)
+    (train / "sea" / "empty.jpg").write_bytes(b"")
+    (train / "forest" / "notes.txt").write_text("not an image")
+    (train / "forest" / "fake.png").write_text("plain text with a png name")
+
+
+def test_bad_files_are_reported_by_path(image_dataset):
+    train = image_dataset / "train"
+    _write_bad_files(train)
+    with pytest.raises(DataError) as error:
+        scan_image_folder(train)
+    message = str(error.value)
+    assert "5 unusable file(s)" in message
+    for name, reason in [
+        ("truncated.jpg", "truncated"),
+        ("corrupt.jpg", "image"),
+        ("empty.jpg", "0 bytes"),
+        ("notes.txt", "not an image"),
+        ("fake.png", "not an image"),
+    ]:
+        line = next(line for line in message.splitlines() if name in line)
+        assert reason in line, line
+        assert str(train) in line
+    assert "--skip-bad-images" in message
+
+
+def test_bad_files_can_be_skipped_explicitly_and_are_counted(image_dataset):
+    train = image_dataset / "train"
+    _write_bad_files(train)
+    folder = scan_image_folder(train, skip_bad=True)
+    assert len(folder) == 24
+    assert len(folder.skipped) == 5
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16"])
+def test_other_colour_modes_and_png_are_converted(image_dataset, isolated_cache, mode):
+    train = image_dataset / "train"
+    rgb = Image.open(next((train / "sea").glob("*.jpg"))).convert("RGB")
+    converted = rgb.convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16")
+    ext = "jpg" if mode in ("L", "CMYK") else "png"
+    converted.save(train / "sea" / f"odd.{ext}")
+    folder = scan_image_folder(train)
+    assert len(folder) == 25
+    images = decoded_images(folder, 32, data_version(image_dataset))
+    assert images.shape == (25, 3, 32, 32) and images.dtype == np.uint8
+
+
+def test_empty_class_single_class_and_mismatched_classes(image_dataset):
+    train = image_dataset / "train"
+    (train / "mountain").mkdir()
+    with pytest.raises(DataError, match=r"\['mountain'\] contain no usable images"):
+        scan_image_folder(train)
+    (train / "mountain").rmdir()
+    shutil.rmtree(train / "sea")
+    with pytest.raises(DataError, match="at least two"):
+        scan_image_folder(train)
+    other = image_dataset / "other"
+    for name in ("forest", "desert"):
+        shutil.copytree(image_dataset / "test" / "forest", other / name)
+    with pytest.raises(DataError, match="missing: \\['sea'\\], unexpected: \\['desert'\\]"):
+        check_same_classes(scan_image_folder(image_dataset / "test"), scan_image_folder(other))
+
+
+def test_missing_data_names_dvc_pull(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLS_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(DataError, match="dvc pull"):
+        require_split("train")
+    with pytest.raises(DataError, match="dvc pull"):
+        data_version()
+
+
+def test_directory_md5_follows_dvc_and_changes_with_content(image_dataset):
+    first = directory_md5(image_dataset)
+    assert first.endswith(".dir") and first == directory_md5(image_dataset)
+    Image.new("RGB", (8, 8)).save(image_dataset / "train" / "sea" / "new.jpg")
+    assert directory_md5(image_dataset) != first
+
+
+def test_data_differing_from_data_dvc_warns_and_records_real_hash(image_dataset, monkeypatch):
+    monkeypatch.setenv("IMGCLS_DATA_DIR", str(image_dataset))
+    with pytest.warns(UserWarning, match="differs from data.dvc"):
+        version = data_version()
+    assert version == directory_md5(image_dataset)
+    assert version != expected_data_md5()
+
+
+@pytest.mark.realdata
+def test_real_data_matches_data_dvc(real_data):
+    assert expected_data_md5() == "44f106a2f74236e45f5d73b1491bd2b5.dir"
+    assert directory_md5(real_data) == expected_data_md5()
+    train = scan_image_folder(real_data / "train")
+    test = scan_image_folder(real_data / "test")
+    assert train.class_counts() == {"forest": 454, "sea": 495}
+    assert test.class_counts() == {"forest": 20, "sea": 15}
+
+
+def test_folds_are_stratified_seeded_and_reproducible():
+    labels = np.array([0] * 30 + [1] * 20)
+    folds = assign_folds(labels, 5, seed=7)
+    assert np.array_equal(folds, assign_folds(labels, 5, seed=7))
+    assert not np.array_equal(folds, assign_folds(labels, 5, seed=8))
+    for k in range(5):
+        assert np.bincount(labels[folds == k]).tolist() == [6, 4]
+    with pytest.raises(DataError, match="smallest class has 20"):
+        assign_folds(labels, 21, seed=0)
+
+
+def test_decoded_cache_is_written_atomically_and_reused(image_dataset, isolated_cache):
+    folder = scan_image_folder(image_dataset / "train")
+    md5 = data_version(image_dataset)
+    first = decoded_images(folder, 32, md5)
+    files = list((isolated_cache / "decoded").glob("*.npy"))
+    assert len(files) == 1
+    assert not list((isolated_cache / "decoded").glob(".*tmp"))
+    mtime = files[0].stat().st_mtime_ns
+    assert np.array_equal(first, decoded_images(folder, 32, md5))
+    assert files[0].stat().st_mtime_ns == mtime
+    assert decoded_images(folder, 40, md5).shape[-1] == 40
+
+
+def test_corrupt_cache_file_is_rebuilt_not_trusted(image_dataset, isolated_cache):
+    folder = scan_image_folder(image_dataset / "train")
+    md5 = data_version(image_dataset)
+    good = decoded_images(folder, 32, md5)
+    path = next((isolated_cache / "decoded").glob("*.npy"))
+    path.write_bytes(path.read_bytes()[:100])
+    assert np.array_equal(decoded_images(folder, 32, md5), good)
+
+
+def test_dvc_config_points_at_shared_remote():
+    config = (paths.REPO_ROOT / ".dvc" / "config").read_text()
+    assert "remote = storage" in config
+    assert "../../shared/dvc-remote" in config
+    assert (
+        json.dumps("44f106a2f74236e45f5d73b1491bd2b5.dir")[1:-1]
+        in (paths.REPO_ROOT / "data.dvc").read_text()
+    )

@@ -1,0 +1,219 @@
+"""End to end: run_experiments.py on a generated dataset, checked in a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lib import paths
+from tests.conftest import write_dataset
+
+GRID = """
+defaults:
+  backbone: resnet18
+  weights: none
+  image_size: 32
+  folds: 2
+  epochs: 2
+  batch_size: 8
+  lr: 0.01
+strategies:
+  frozen: {}
+  broken:
+    weights: /nonexistent/weights.pth
+"""
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: int = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(paths.REPO_ROOT / "run_experiments.py"), *args],
+        cwd=paths.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    """Run a two-point grid (one point fails on purpose) into a throwaway store, twice."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = tmp / "data"
+    write_dataset(data / "train", {"forest": 10, "sea": 10}, seed=1)
+    write_dataset(data / "test", {"forest": 4, "sea": 4}, seed=2)
+    grid = tmp / "grid.yaml"
+    grid.write_text(GRID)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "IMGCLS_REPORTS_DIR": str(tmp / "reports"),
+        "IMGCLS_ARTIFACT_ROOT": str(tmp / "artifacts"),
+        "IMGCLS_CACHE_DIR": str(tmp / "cache"),
+    }
+    args = [
+        "--grid",
+        str(grid),
+        "--data-dir",
+        str(data),
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "e2e",
+    ]
+    first = run_cli(args, env)
+    second = run_cli(args, env)
+    mlflow.set_tracking_uri(uri)
+    return {
+        "first": first,
+        "second": second,
+        "uri": uri,
+        "tmp": tmp,
+        "data": data,
+        "env": env,
+        "args": args,
+    }
+
+
+def _runs(kind: str | None = None):
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e")
+    query = f"tags.run_kind = '{kind}'" if kind else ""
+    return client.search_runs([experiment.experiment_id], query, max_results=1000)
+
+
+def test_failing_strategy_does_not_stop_the_others_and_exit_is_nonzero(grid_run):
+    first = grid_run["first"]
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "broken" in first.stdout and "FAILED" in first.stdout
+    assert re.search(r"frozen\s+FINISHED", first.stdout), first.stdout
+    assert "reports:" in first.stdout and "MLflow:" in first.stdout
+
+
+def test_parent_and_child_runs_carry_lineage(grid_run):
+    client = MlflowClient()
+    frozen = [r for r in _runs("grid_point") if r.data.tags["strategy"] == "frozen"]
+    assert len(frozen) == 1, "the second invocation skipped the finished point"
+    run = frozen[0]
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    for tag in (
+        "grid_id",
+        "run_key",
+        "strategy",
+        "git_commit",
+        "git_dirty",
+        "data_md5",
+        "code_version",
+        "pipeline_complete",
+    ):
+        assert tags.get(tag), tag
+    assert tags["data_md5"].endswith(".dir")
+    assert run.data.params["lr"] == "0.01" and run.data.params["backbone"] == "resnet18"
+    for metric in (
+        "cv_accuracy_mean",
+        "cv_accuracy_std",
+        "cv_loss_mean",
+        "test_accuracy",
+        "test_accuracy_ci_low",
+        "gate_passed",
+    ):
+        assert metric in run.data.metrics, metric
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+    )
+    assert len(children) == 2
+    history = client.get_metric_history(children[0].info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "notebooks")}
+    assert artifacts == {
+        f"notebooks/{n}.{e}" for n in ("02_train_cv", "03_evaluate") for e in ("ipynb", "html")
+    }
+
+
+def test_failed_run_is_marked_failed_with_its_notebook_kept(grid_run):
+    broken = [r for r in _runs("grid_point") if r.data.tags["strategy"] == "broken"]
+    assert len(broken) == 2 and all(r.info.status == "FAILED" for r in broken)
+    assert "weights file not found" in broken[0].data.tags["error"]
+    notebook = Path(grid_run["tmp"]) / "reports" / "broken" / "02_train_cv.ipynb"
+    cells = json.loads(notebook.read_text())["cells"]
+    assert any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", []))
+    assert not [r for r in _runs() if r.info.status == "RUNNING"]
+
+
+def test_second_invocation_trains_nothing_that_finished(grid_run):
+    second = grid_run["second"]
+    assert "skip (finished run" in second.stdout
+    assert "plan: 1 to run, 1 already finished" in second.stdout
+
+
+def test_reports_index_links_every_report(grid_run):
+    reports = Path(grid_run["tmp"]) / "reports"
+    index = (reports / "index.html").read_text()
+    for target in (
+        "data/01_data.html",
+        "comparison/04_compare_runs.html",
+        "frozen/02_train_cv.html",
+        "frozen/03_evaluate.html",
+    ):
+        assert f'href="{target}"' in index and (reports / target).is_file()
+    html = (reports / "frozen" / "03_evaluate.html").read_text()
+    assert "Quality gate" in html and "def " not in html  # code cells are hidden
+
+
+def test_champion_alias_and_pyfunc_in_a_new_process(grid_run):
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("e2e-classifier", "champion")
+    frozen = next(r for r in _runs("grid_point") if r.data.tags["strategy"] == "frozen")
+    assert version.run_id == frozen.info.run_id or version.tags.get("run_id") == frozen.info.run_id
+    script = (
+        "import mlflow, pandas as pd, pathlib, json, sys\n"
+        f"mlflow.set_tracking_uri({grid_run['uri']!r})\n"
+        "model = mlflow.pyfunc.load_model('models:/e2e-classifier@champion')\n"
+        f"files = sorted(pathlib.Path({str(grid_run['data'] / 'test')!r}).glob('*/*.jpg'))\n"
+        "out = model.predict(pd.DataFrame({'image': [str(f) for f in files]}))\n"
+        "acc = sum(p == f.parent.name for p, f in zip(out['predicted_class'], files)) / len(files)\n"
+        "print(json.dumps({'accuracy': acc, 'columns': list(out.columns)}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=grid_run["env"],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["columns"] == ["predicted_class", "confidence", "prob_forest", "prob_sea"]
+    assert answer["accuracy"] == pytest.approx(frozen.data.metrics["test_accuracy"])
+
+
+def test_dry_run_and_bad_grid_fail_before_anything_runs(grid_run, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("strategies:\n  s:\n    lr: -1\n")
+    result = run_cli(["--grid", str(bad), "--data-dir", str(grid_run["data"])], grid_run["env"])
+    assert result.returncode == 2
+    assert f"{bad}:strategies.s.lr: learning rate must be > 0" in result.stderr
+    too_many = tmp_path / "folds.yaml"
+    too_many.write_text("strategies:\n  s:\n    folds: 11\n")
+    result = run_cli(
+        ["--grid", str(too_many), "--data-dir", str(grid_run["data"])], grid_run["env"]
+    )
+    assert result.returncode == 2 and "folds: 11 folds but class" in result.stderr
+    unreachable = run_cli(
+        [*grid_run["args"][:4], "--tracking-uri", "http://127.0.0.1:9"], grid_run["env"]
+    )
+    assert unreachable.returncode == 2 and "tracking server unreachable" in unreachable.stderr
+    dry = run_cli([*grid_run["args"], "--dry-run"], grid_run["env"])
+    assert dry.returncode == 0 and "dry run: nothing executed" in dry.stdout

@@ -1,0 +1,94 @@
+"""The repository stays clean: notebooks without outputs, consistent pins, no credentials."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from lib import paths
+from lib.notebooks import NOTEBOOK_NAMES
+
+ROOT = paths.REPO_ROOT
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_notebooks_are_committed_clean(name):
+    nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in code_cells), (
+        f"{name}: strip outputs before committing (Jupyter: Edit > Clear Outputs of All Cells)"
+    )
+    tagged = [c for c in code_cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{name}: exactly one cell tagged 'parameters'"
+
+
+def _pins(lines):
+    return {
+        line.split("==")[0].strip().lower(): line.split("==")[1].strip()
+        for line in lines
+        if isinstance(line, str) and "==" in line and not line.strip().startswith("#")
+    }
+
+
+def test_environment_yml_repeats_requirements_pins():
+    requirements = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert _pins(pip_section) == requirements
+    assert requirements["torch"] == "2.14.1" and requirements["torchvision"] == "0.29.1"
+    assert all(re.fullmatch(r"[\w.+-]+", v) for v in requirements.values())
+    assert "python=3.11" in env["dependencies"]
+
+
+def _tracked_files():
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [ROOT / f for f in out.stdout.splitlines() if (ROOT / f).is_file()]
+
+
+SECRET_PATTERNS = [
+    re.compile(r"-----BEGIN (RSA |EC |OPENSSH |DSA )?PRIVATE KEY-----"),
+    re.compile(r'"type"\s*:\s*"service_account"'),
+    re.compile(r'"private_key"\s*:\s*"'),
+    re.compile(r"AKIA[0-9A-Z]{16}"),
+    re.compile(r"(?i)(secret_access_key|gdrive_client_secret)\s*=\s*\S+"),
+]
+
+
+def test_no_credentials_in_tracked_files():
+    offenders = []
+    for path in _tracked_files():
+        if path.name == "test_repo_hygiene.py":
+            continue
+        text = path.read_text(errors="ignore")
+        offenders += [f"{path}: {p.pattern}" for p in SECRET_PATTERNS if p.search(text)]
+    assert not offenders
+
+
+def test_generated_and_secret_paths_are_ignored():
+    probes = [
+        "data/train/x.jpg",
+        "mlflow.db",
+        "mlartifacts/1/a",
+        ".cache/features/a.npy",
+        "reports/index.html",
+        ".venv/bin/python",
+        ".dvc/config.local",
+        "gcp-credentials.json",
+        "my-service-account.json",
+        "id.pem",
+    ]
+    out = subprocess.run(["git", "check-ignore", *probes], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(out.stdout.split()) == sorted(probes)
+
+
+def test_no_images_or_large_files_tracked():
+    for path in _tracked_files():
+        assert path.suffix.lower() not in {".jpg", ".jpeg", ".png", ".db", ".pt", ".pth", ".npy"}, (
+            path
+        )
+        assert path.stat().st_size < 1_000_000, path
