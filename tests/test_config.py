@@ -69,7 +69,7 @@ def test_invalid_grids_name_the_yaml_path(tmp_path, text, expected):
 
 
 def test_unknown_key_lists_allowed_keys(tmp_path):
-    with pytest.raises(ConfigError, match="allowed keys: .*backbone.*lr"):
+    with pytest.raises(ConfigError, match=r"allowed keys: .*backbone.*lr"):
         load_grid(write(tmp_path, "strategies:\n  s:\n    lrr: 0.1\n"))
 
 
