@@ -29,7 +29,7 @@ def test_scan_sorts_classes_and_labels_files(image_dataset):
     assert folder.class_counts() == {"forest": 12, "sea": 12}
     assert all(
         folder.classes[label] == path.parent.name
-        for path, label in zip(folder.paths, folder.labels)
+        for path, label in zip(folder.paths, folder.labels, strict=True)
     )
 
 
