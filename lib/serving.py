@@ -120,7 +120,7 @@ def log_pyfunc_model(checkpoint_path: Path, example_image: Path, name: str = "mo
     requirements = _pinned_requirements()
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=ImageClassifierModel(),
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
         artifacts={"checkpoint": str(checkpoint_path)},
         code_paths=[str(paths.REPO_ROOT / "lib")],
         signature=signature,

@@ -1,0 +1,56 @@
+"""Evaluation folders: class checks, scores logged per folder, the quality gate."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lib import tracking
+from lib.data import DataError
+from lib.evaluation import EvaluationSession, metric_prefix
+from lib.models import build_classifier
+from tests.conftest import write_dataset
+
+
+@pytest.fixture()
+def session(tmp_path, isolated_cache):
+    tracking.configure(f"sqlite:///{tmp_path / 'm.db'}")
+    experiment = MlflowClient().create_experiment(
+        "eval", artifact_location=(tmp_path / "a").as_uri()
+    )
+    run = MlflowClient().create_run(experiment)
+    model, prep = build_classifier("resnet18", "none", 32, 2, 0.0, seed=0)
+    return EvaluationSession(
+        run.info.run_id, model, ["forest", "sea"], prep, {"min_accuracy": "0.7"}, tmp_path
+    )
+
+
+def test_extra_folder_with_other_classes_is_a_clear_error(session, tmp_path):
+    write_dataset(tmp_path / "extra", {"forest": 2, "desert": 2})
+    with pytest.raises(DataError, match=r"classes \['desert', 'forest'\] do not match"):
+        session.load_folder(tmp_path / "extra")
+
+
+def test_extra_folder_is_scored_and_logged_under_its_own_prefix(session, tmp_path):
+    folder = write_dataset(tmp_path / "phone photos", {"forest": 3, "sea": 3})
+    result = session.evaluate(session.load_folder(folder), name=str(folder))
+    prefix = metric_prefix(str(folder))
+    logged = MlflowClient().get_run(session.run_id).data.metrics
+    assert logged[f"{prefix}_accuracy"] == pytest.approx(result.scores["accuracy"])
+    assert logged[f"{prefix}_n_images"] == 6
+    assert result.confusion().to_numpy().sum() == 6
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(("threshold", "passed"), [(0.0, True), (1.01, False)])
+def test_quality_gate_is_logged_with_its_margin(session, tmp_path, threshold, passed):
+    folder = write_dataset(tmp_path / "gate", {"forest": 2, "sea": 2})
+    result = session.evaluate(session.load_folder(folder), name="gate")
+    verdict = session.gate(result, threshold)
+    assert verdict["passed"] is passed
+    run = MlflowClient().get_run(session.run_id)
+    assert run.data.tags["quality_gate"] == ("passed" if passed else "failed")
+    assert run.data.metrics["gate_margin"] == pytest.approx(result.scores["accuracy"] - threshold)
+    assert ("PASSED" if passed else "FAILED") in run.data.tags["quality_gate_message"]
