@@ -145,6 +145,18 @@ def _efficientnet_lite0(weights: str) -> tuple[nn.Module, int, Preprocessing]:
     return model, model.num_features, Preprocessing(0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+BACKBONE_NORMALISATION = {
+    "resnet18": (IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def preprocessing_for(name: str, image_size: int) -> Preprocessing:
+    """Return the input normalisation a backbone expects, without building it."""
+    mean, std = BACKBONE_NORMALISATION[name]
+    return Preprocessing(image_size, mean, std)
+
+
 BACKBONE_BUILDERS = {"resnet18": _resnet18, "efficientnet_lite0": _efficientnet_lite0}
 
 

@@ -184,7 +184,7 @@ class TrainingSession:
             model.load_state_dict(fold.state_dict)
             save_checkpoint(
                 folder / f"fold{fold.fold}.pt",
-                model,
+                self.inputs.full_model(model.cpu()),
                 result.classes,
                 result.preprocessing,
                 self.strategy.backbone,

@@ -21,7 +21,15 @@ from lib.cache import decoded_images
 from lib.config import Strategy
 from lib.data import ImageFolder, assign_folds
 from lib.features import cached_features, pick_device, to_model_input
-from lib.models import Classifier, Preprocessing, build_classifier, freeze_backbone, set_train_mode
+from lib.models import (
+    Classifier,
+    Preprocessing,
+    build_classifier,
+    build_head,
+    freeze_backbone,
+    preprocessing_for,
+    set_train_mode,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -85,16 +93,10 @@ class TrainingInputs:
         self.classes = folder.classes
         self.num_classes = len(folder.classes)
         self.use_features = strategy.freeze_backbone and strategy.use_feature_cache
-        model, self.prep = build_classifier(
-            strategy.backbone,
-            strategy.weights,
-            strategy.image_size,
-            self.num_classes,
-            strategy.dropout,
-            strategy.seed,
-        )
-        self.template = model
         if self.use_features:
+            # Only the head trains: no backbone is built here (the features are cached).
+            self.template = None
+            self.prep = preprocessing_for(strategy.backbone, strategy.image_size)
             features, self.cache_hit = cached_features(
                 folder,
                 strategy.backbone,
@@ -106,22 +108,54 @@ class TrainingInputs:
             )
             self.inputs = torch.from_numpy(features)
         else:
+            self.template, self.prep = build_classifier(
+                strategy.backbone,
+                strategy.weights,
+                strategy.image_size,
+                self.num_classes,
+                strategy.dropout,
+                strategy.seed,
+            )
             self.cache_hit = False
             self.inputs = torch.from_numpy(
                 decoded_images(folder, strategy.image_size, data_md5, progress=progress)
             )
 
     def new_model(self, seed: int) -> Classifier:
-        """Return a fresh classifier (pretrained backbone, head initialised from ``seed``)."""
-        model = copy.deepcopy(self.template)
-        from lib.models import build_head
+        """Return a fresh model with the head initialised from ``seed``.
 
+        On cached features the backbone is an identity (features are its input); otherwise a
+        copy of the pretrained backbone, frozen when the strategy says so.
+        """
+        if self.template is None:
+            width = self.inputs.shape[1]
+            model = Classifier(nn.Identity(), width, self.num_classes, self.strategy.dropout)
+            model.head = build_head(width, self.num_classes, self.strategy.dropout, seed)
+            return model.to(self.device)
+        model = copy.deepcopy(self.template)
         model.head = build_head(
             model.head[1].in_features, self.num_classes, self.strategy.dropout, seed
         )
         if self.strategy.freeze_backbone:
             freeze_backbone(model)
         return model.to(self.device)
+
+    def full_model(self, trained: Classifier) -> Classifier:
+        """Return a complete classifier (pretrained backbone + the trained head) on the CPU."""
+        if self.template is not None:
+            return trained.cpu()
+        strategy = self.strategy
+        model, _ = build_classifier(
+            strategy.backbone,
+            strategy.weights,
+            strategy.image_size,
+            self.num_classes,
+            strategy.dropout,
+            strategy.seed,
+        )
+        model.head.load_state_dict(trained.head.state_dict())
+        freeze_backbone(model)
+        return model.eval()
 
     def trainable(self, model: Classifier) -> nn.Module:
         """Return the module that sees the inputs: the head on features, the whole model on images."""
@@ -336,5 +370,5 @@ def refit(
     start = time.perf_counter()
     rows = torch.arange(len(folder))
     model, history, _ = train_rows(inputs, rows, None, strategy.seed + 1000, epochs)
-    model.eval()
-    return model.cpu(), history, time.perf_counter() - start
+    model = inputs.full_model(model.cpu()).eval()
+    return model, history, time.perf_counter() - start
