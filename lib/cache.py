@@ -72,9 +72,11 @@ def decoded_images(
     def build() -> np.ndarray:
         items = folder.paths
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
-            items = tqdm(items, desc=f"decode {folder.root.name} @{image_size}px", unit="img")
+            items = tqdm(
+                items, desc=f"decode {folder.root.name} @{image_size}px", unit="img", mininterval=3
+            )
         out = np.empty((len(folder), 3, image_size, image_size), dtype=np.uint8)
         for i, path in enumerate(items):
             out[i] = load_rgb(path, image_size).transpose(2, 0, 1)

@@ -50,9 +50,9 @@ def embed_images(
     backbone = backbone.to(memory_format=torch.channels_last)
     starts = range(0, len(images), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
-        starts = tqdm(starts, desc=desc, unit="batch")
+        starts = tqdm(starts, desc=desc, unit="batch", mininterval=3)
     chunks = []
     for start in starts:
         batch = torch.from_numpy(images[start : start + batch_size])

@@ -18,6 +18,8 @@ SETUP = 'import warnings\n\nfrom lib import plots\n\nwarnings.filterwarnings("ig
 def notebook(cells: list) -> nbformat.NotebookNode:
     """Wrap cells into a notebook with the python3 kernelspec."""
     nb = new_notebook(cells=cells)
+    for index, cell in enumerate(nb.cells):
+        cell.id = f"cell-{index:02d}"  # stable ids: regenerating gives no diff
     nb.metadata = {
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"},
@@ -165,6 +167,8 @@ EVALUATE = notebook(
         code('gate = evaluation.gate(test, min_accuracy)\nprint(gate["message"])'),
         md("## Extra evaluation folders (if any were given)"),
         code(
+            "if not extra_eval_dirs:\n"
+            '    print("No extra evaluation folders were given (parameter extra_eval_dirs).")\n'
             "for folder in extra_eval_dirs:\n"
             "    extra = evaluation.evaluate(evaluation.load_folder(folder, skip_bad_images), name=folder)\n"
             '    display(extra.scores_table().rename(columns={"value": folder}))\n'
