@@ -101,7 +101,7 @@ def predict_folder(
 ) -> np.ndarray:
     """Return softmax probabilities ``[N, C]`` of ``model`` over a folder (decoded-image cache)."""
     dev = pick_device(device)
-    model = model.eval().to(dev)
+    model = model.eval().to(dev, memory_format=torch.channels_last)
     images = decoded_images(folder, prep.image_size, data_md5)
     out = []
     for start in range(0, len(images), batch_size):
