@@ -127,6 +127,38 @@ class GridComparison:
         table["is_champion"] = table.index == self.champion()
         return table.sort_values("cv_accuracy_mean", ascending=False)
 
+    def display_table(self) -> pd.DataFrame:
+        """Return :meth:`table` formatted for reading: one compact, rounded row per grid point."""
+        t = self.table()
+        return pd.DataFrame(
+            {
+                "strategy": t["strategy"],
+                "CV accuracy": [
+                    f"{m:.4f} ± {s:.4f}"
+                    for m, s in zip(t["cv_accuracy_mean"], t["cv_accuracy_std"], strict=True)
+                ],
+                "CV loss": [
+                    f"{m:.4f} ± {s:.4f}"
+                    for m, s in zip(t["cv_loss_mean"], t["cv_loss_std"], strict=True)
+                ],
+                "test accuracy [95% CI]": [
+                    f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
+                    for a, lo, hi in zip(
+                        t["test_accuracy"],
+                        t["test_accuracy_ci_low"],
+                        t["test_accuracy_ci_high"],
+                        strict=True,
+                    )
+                ],
+                "train s": t["train_seconds"].round(1),
+                "img/s": t["images_per_second"].round(0),
+                "p vs champion": t["p_value_vs_best"].round(4),
+                "gate": t["gate"],
+                "champion": t["is_champion"].map({True: "★", False: ""}),
+            },
+            index=t.index,
+        )
+
     def champion(self) -> str:
         """Return the grid point chosen on cross-validation (accuracy, then loss, then time)."""
         candidates = pd.DataFrame(

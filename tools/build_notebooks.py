@@ -200,7 +200,7 @@ COMPARE = notebook(
             "test accuracy with its 95% interval, training time and throughput, and the p-value of a "
             "corrected resampled t-test against the best strategy (Nadeau & Bengio, 2003)."
         ),
-        code("grid.table()"),
+        code("grid.display_table()"),
         code(
             'plots.strategy_bars(grid.table(), value="cv_accuracy_mean", error="cv_accuracy_std",\n'
             '                    title="Mean cross-validation accuracy (± std over folds)");'
