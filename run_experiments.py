@@ -7,6 +7,7 @@ Example: ``python run_experiments.py --grid strategies.yaml`` (see ``--help``).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -99,9 +100,15 @@ def parse_args(argv: list[str] | None = None) -> RunnerOptions:
     )
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """Treat SIGTERM like Ctrl-C: unfinished runs are marked KILLED, the exit code is 130."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the grid; return the process exit code (2 for invalid input)."""
     options = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return run_grid(options)
     except (

@@ -72,6 +72,10 @@ def require_split(split: str, root: Path | None = None) -> Path:
     return folder
 
 
+# leading bytes of the common formats: such a file that PIL cannot open is corrupt, not foreign
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF"}
+
+
 def check_image(path: Path) -> BadImage | None:
     """Decode one file fully; return a BadImage (with the reason) or None when it is usable."""
     if path.stat().st_size == 0:
@@ -81,6 +85,11 @@ def check_image(path: Path) -> BadImage | None:
             img.load()
             img.convert("RGB")
     except UnidentifiedImageError:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        kind = next((k for sig, k in _SIGNATURES.items() if head.startswith(sig)), None)
+        if kind:
+            return BadImage(path, f"corrupt {kind} image (header unreadable, PIL cannot open it)")
         return BadImage(path, "not an image file (PIL cannot identify it)")
     except (OSError, SyntaxError, ValueError) as exc:
         return BadImage(path, f"corrupt or truncated image ({exc})")

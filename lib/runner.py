@@ -7,7 +7,9 @@ key = same params, data version and code version) are skipped unless forced.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import time
 import traceback
@@ -133,12 +135,44 @@ def _notebook_parameters(plan: Plan, options: RunnerOptions, torch_threads: int)
     }
 
 
+_STOP_REQUESTED = False  # a worker process saw Ctrl-C: start no further grid point
+_IN_GRID_POINT = False
+
+
+def _on_worker_sigint(signum: int, frame: Any) -> None:
+    """SIGINT in a pool worker: interrupt the running grid point once, then only refuse new ones.
+
+    An idle worker must not die (that breaks the pool and SIGTERMs the busy ones mid-clean-up)
+    and a second Ctrl-C must not interrupt the clean-up that marks the run KILLED.
+    """
+    global _STOP_REQUESTED
+    first = not _STOP_REQUESTED
+    _STOP_REQUESTED = True
+    if first and _IN_GRID_POINT:
+        raise KeyboardInterrupt
+
+
+def _init_worker() -> None:
+    signal.signal(signal.SIGINT, _on_worker_sigint)
+
+
 def execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
     """Create the parent run of one grid point and execute 02 and 03 into it; return the outcome.
 
     Runs in the runner, a worker process or a Dask worker. Never leaves the run RUNNING: it
     ends FINISHED (complete), FAILED (a notebook failed, output kept) or KILLED (interrupted).
     """
+    global _IN_GRID_POINT
+    if _STOP_REQUESTED:
+        return {"status": "KILLED", "run_id": None, "seconds": 0.0, "error": "interrupted"}
+    _IN_GRID_POINT = True
+    try:
+        return _execute_grid_point(task)
+    finally:
+        _IN_GRID_POINT = False
+
+
+def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     start = time.perf_counter()
@@ -157,7 +191,6 @@ def execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
     tags = {**task["tags"], tracking.TAG_RUNNER: tracking.runner_identity()}
     run = client.create_run(task["experiment_id"], tags=tags)
     run_id = run.info.run_id
-    tracking.log_batch(run_id, params=task["params"])
     out_dir = Path(task["out_dir"])
     timings: dict[str, float] = {}
     status, error = "FINISHED", None
@@ -178,6 +211,7 @@ def execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
         ),
     ]
     try:
+        tracking.log_batch(run_id, params=task["params"])
         for name, parameters in steps:
             output = out_dir / f"{name}.ipynb"
             step_start = time.perf_counter()
@@ -305,6 +339,16 @@ def run_grid(options: RunnerOptions) -> int:
     stale = tracking.mark_stale_runs(plan.experiment_id)
     if stale:
         log(f"marked {len(stale)} run(s) of dead runners as KILLED: {', '.join(stale)}")
+    try:
+        return _execute_plan(plan, options, start)
+    except KeyboardInterrupt:
+        log("interrupted: unfinished runs are marked KILLED; re-run the same command to resume")
+        # this process and its pool workers are done: their RUNNING runs are stale too
+        tracking.mark_stale_runs(plan.experiment_id, dead_owners={tracking.runner_identity()})
+        return 130
+
+
+def _execute_plan(plan: Plan, options: RunnerOptions, start: float) -> int:
     reports = paths.reports_dir()
     cpu = os.cpu_count() or 1
     workers = max(1, min(options.workers, sum(p.action == "run" for p in plan.points) or 1))
@@ -328,12 +372,7 @@ def run_grid(options: RunnerOptions) -> int:
         f"executing {len(todo)} grid point(s) with {workers} worker(s) x {threads} torch thread(s)"
         f" ({options.executor})"
     )
-    try:
-        _dispatch(plan, options, todo, workers, threads)
-    except KeyboardInterrupt:
-        log("interrupted: unfinished runs are marked KILLED; re-run the same command to resume")
-        tracking.mark_stale_runs(plan.experiment_id)
-        return 130
+    _dispatch(plan, options, todo, workers, threads)
     compare = run_single_notebook(
         plan,
         options,
@@ -369,21 +408,33 @@ def _dispatch(
         for point in todo:
             point.result = _safe(execute_grid_point, tasks[id(point)])
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker
+    ) as pool:
         futures: dict[Future, GridPoint] = {
             pool.submit(execute_grid_point, tasks[id(p)]): p for p in todo
         }
-        for future in as_completed(futures):
-            point = futures[future]
-            try:
-                point.result = future.result()
-            except Exception as exc:
-                point.result = {
-                    "status": "FAILED",
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "run_id": None,
-                    "seconds": 0.0,
-                }
+        try:
+            for future in as_completed(futures):
+                point = futures[future]
+                try:
+                    point.result = future.result()
+                except Exception as exc:
+                    point.result = {
+                        "status": "FAILED",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "run_id": None,
+                        "seconds": 0.0,
+                    }
+        except KeyboardInterrupt:
+            # Ctrl-C reaches the workers too (same process group); `kill -INT <runner>` does
+            # not: pass it on so that they stop their grid point and start no queued one.
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            for process in processes:
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, signal.SIGINT)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _safe(function: Any, task: dict[str, Any]) -> dict[str, Any]:

@@ -122,13 +122,15 @@ class TrainingSession:
         )
         result.setup_seconds = setup
         client = MlflowClient()
+        point = client.get_run(self.run_id).data.tags.get(tracking.TAG_GRID_POINT)
+        point = point or self.strategy.run_name
         for fold in result.folds:
             child = client.create_run(
                 self.experiment_id,
                 tags={
                     "mlflow.parentRunId": self.run_id,
                     tracking.TAG_KIND: "fold",
-                    "mlflow.runName": f"{self.strategy.run_name}-fold{fold.fold}",
+                    "mlflow.runName": f"{point}-fold{fold.fold}",
                     "fold": str(fold.fold),
                 },
             )

@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +126,12 @@ def _owner_alive(identity: str) -> bool:
     return True
 
 
-def mark_stale_runs(experiment_id: str) -> list[str]:
+def mark_stale_runs(experiment_id: str, dead_owners: Collection[str] = ()) -> list[str]:
     """Mark runs whose owning runner process is gone as KILLED; return their ids.
 
-    Covers runs left RUNNING by a SIGKILL and grid points that never completed.
+    Covers runs left RUNNING by a SIGKILL and grid points that never completed; ``dead_owners``
+    (``host:pid``) are treated as gone (an interrupted runner passes its own identity). Fold
+    runs (no owner tag) still RUNNING under a parent that is no longer RUNNING are KILLED too.
     """
     client = MlflowClient()
     stale = []
@@ -149,9 +151,19 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
                 )
             )
             and owner
-            and not _owner_alive(owner)
+            and (owner in dead_owners or not _owner_alive(owner))
         ):
             client.set_tag(run.info.run_id, "killed_reason", f"runner {owner} is gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+            stale.append(run.info.run_id)
+    orphans = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+    )
+    for run in orphans:
+        parent = run.data.tags.get("mlflow.parentRunId")
+        orphaned = parent and TAG_RUNNER not in run.data.tags
+        if orphaned and client.get_run(parent).info.status != "RUNNING":
+            client.set_tag(run.info.run_id, "killed_reason", f"parent run {parent} ended")
             client.set_terminated(run.info.run_id, "KILLED")
             stale.append(run.info.run_id)
     return stale
