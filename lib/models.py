@@ -178,7 +178,10 @@ def weights_identity(weights: str) -> str:
         return weights
     from lib.data import file_md5
 
-    return f"file:{file_md5(Path(weights).expanduser())}"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    return f"file:{file_md5(path)}"
 
 
 def build_head(num_features: int, num_classes: int, dropout: float, seed: int) -> nn.Sequential:

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 import traceback
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -210,6 +210,7 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
             {**common, "parent_run_id": run_id, "extra_eval_dirs": task["extra_eval_dirs"]},
         ),
     ]
+    pending: list[Future] = []
     try:
         tracking.log_batch(run_id, params=task["params"])
         for name, parameters in steps:
@@ -224,8 +225,20 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
                 log(f"{task['run_name']}: {name} FAILED: {error}", step_start)
                 break
             finally:
-                _publish(client, run_id, output, task["run_name"])
+                # HTML rendering and artifact upload overlap with the next notebook's execution
+                pending.append(
+                    _publisher().submit(_publish, client, run_id, output, task["run_name"])
+                )
             log(f"{task['run_name']}: {name} done", step_start)
+        publish_start = time.perf_counter()
+        for future in pending:
+            try:
+                future.result()
+            except Exception as exc:  # a report that cannot be rendered must not fail the run
+                log(
+                    f"{task['run_name']}: could not publish a notebook: {type(exc).__name__}: {exc}"
+                )
+        timings["publish_wait_seconds"] = time.perf_counter() - publish_start
     except BaseException:
         client.set_terminated(run_id, "KILLED")
         raise
@@ -241,6 +254,16 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
         "error": error,
         "timings": timings,
     }
+
+
+_PUBLISHER: list[ThreadPoolExecutor] = []
+
+
+def _publisher() -> ThreadPoolExecutor:
+    """Return this process's single background thread for rendering and uploading reports."""
+    if not _PUBLISHER:
+        _PUBLISHER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish"))
+    return _PUBLISHER[0]
 
 
 def _publish(client: Any, run_id: str, notebook: Path, run_name: str) -> None:
