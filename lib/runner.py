@@ -473,20 +473,41 @@ def _safe(function: Any, task: dict[str, Any]) -> dict[str, Any]:
         }
 
 
+def _scores(run_id: str | None) -> str:
+    """Return ``CV 0.9900 ± 0.0040 [folds ...] test 0.9714`` for a finished grid-point run."""
+    if not run_id:
+        return ""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    metrics = client.get_run(run_id).data.metrics
+    folds = sorted(client.get_metric_history(run_id, "fold_val_accuracy"), key=lambda m: m.step)
+    fold_text = " ".join(f"{m.value:.3f}" for m in folds)
+    return (
+        f"CV {metrics.get('cv_accuracy_mean', float('nan')):.4f} ± "
+        f"{metrics.get('cv_accuracy_std', float('nan')):.4f} [folds {fold_text}]  "
+        f"test {metrics.get('test_accuracy', float('nan')):.4f}"
+    )
+
+
 def _summarise(
     plan: Plan, options: RunnerOptions, data_result: dict, compare: dict, index: Path, start: float
 ) -> int:
     failed = [p for p in plan.points if p.result.get("status") == "FAILED"]
-    log("summary:")
+    log("summary (CV = mean ± std of validation accuracy over folds, then each fold):")
     for point in plan.points:
         if point.action == "skip":
-            log(f"  {point.strategy.run_name:<40} skipped (finished run {point.existing_run_id})")
+            log(
+                f"  {point.strategy.run_name:<32} skipped (finished earlier)  "
+                f"{_scores(point.existing_run_id)}  run {point.existing_run_id}"
+            )
         else:
             r = point.result
             detail = f" error: {r.get('error')}" if r.get("status") != "FINISHED" else ""
+            scores = _scores(r.get("run_id")) if r.get("status") == "FINISHED" else ""
             log(
-                f"  {point.strategy.run_name:<40} {r.get('status')} in {r.get('seconds', 0):.1f}s "
-                f"run {r.get('run_id')}{detail}"
+                f"  {point.strategy.run_name:<32} {r.get('status')} in {r.get('seconds', 0):.1f}s  "
+                f"{scores}  run {r.get('run_id')}{detail}"
             )
     for label, result in (("01_data", data_result), ("04_compare_runs", compare)):
         if result["status"] != "FINISHED":

@@ -96,12 +96,20 @@ def git_info() -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
 
 
+# Modules that orchestrate, report or serve, but cannot change a grid point's results: editing
+# them does not invalidate finished runs.
+NOT_RESULT_CODE = {"runner.py", "reports.py", "distributed.py", "predict.py", "notebooks.py"}
+
+
 def code_version() -> str:
-    """Return a hash of the code that produces results: ``lib/*.py`` and ``notebooks/*.ipynb``."""
+    """Return a hash of the code that produces results: ``lib/*.py`` and ``notebooks/*.ipynb``.
+
+    Orchestration-only modules (:data:`NOT_RESULT_CODE`) are left out.
+    """
     digest = hashlib.sha256()
-    files = sorted((paths.REPO_ROOT / "lib").glob("*.py")) + sorted(
-        paths.notebooks_dir().glob("*.ipynb")
-    )
+    files = sorted(
+        p for p in (paths.REPO_ROOT / "lib").glob("*.py") if p.name not in NOT_RESULT_CODE
+    ) + sorted(paths.notebooks_dir().glob("*.ipynb"))
     for path in files:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
