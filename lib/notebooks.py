@@ -124,6 +124,11 @@ def execute(name: str, output: Path, parameters: dict[str, Any]) -> float:
     env_before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), env_before]))
     try:
+        warm: dict[str, Any] = {}
+        if not _fresh_kernels():
+            km = warm_kernel()
+            _reset_namespace(km)
+            warm["km"] = km
         papermill.execute_notebook(
             str(notebook_path(name)),
             str(output),
@@ -132,6 +137,7 @@ def execute(name: str, output: Path, parameters: dict[str, Any]) -> float:
             progress_bar=False,
             cwd=str(paths.notebooks_dir()),
             log_output=False,
+            **warm,
         )
     finally:
         if env_before is None:
