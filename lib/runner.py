@@ -154,6 +154,9 @@ def _on_worker_sigint(signum: int, frame: Any) -> None:
 
 def _init_worker() -> None:
     signal.signal(signal.SIGINT, _on_worker_sigint)
+    # Pool workers start a fresh kernel per notebook: a warm kernel shared across an interrupt
+    # in a worker process is not safe (it can die under Ctrl-C and leave the worker waiting).
+    os.environ["IMGCLS_FRESH_KERNELS"] = "1"
 
 
 def execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
@@ -175,6 +178,8 @@ def execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
 def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
+    if task.get("fresh_kernels"):
+        os.environ["IMGCLS_FRESH_KERNELS"] = "1"
     start = time.perf_counter()
     tracking.configure(task["tracking_uri"])
     if task.get("expected_data_md5"):
@@ -342,6 +347,7 @@ def _task(plan: Plan, options: RunnerOptions, point: GridPoint, threads: int) ->
         "data_dir": options.data_dir,
         "extra_eval_dirs": list(options.extra_eval_dirs),
         "expected_data_md5": plan.data_md5 if options.executor == "dask" else None,
+        "fresh_kernels": options.executor == "dask" or options.workers > 1,
     }
 
 
