@@ -7,7 +7,7 @@ its version gets the alias ``champion``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
@@ -27,6 +27,7 @@ class GridComparison:
     experiment_name: str
     grid_id: str
     runs: pd.DataFrame  # one row per grid point (index), columns = metrics/params/tags
+    _memo: dict = field(default_factory=dict, repr=False)  # MLflow lookups are done once
 
     @classmethod
     def load(
@@ -78,11 +79,14 @@ class GridComparison:
 
     def fold_scores(self, metric: str = "fold_val_accuracy") -> dict[str, list[float]]:
         """Return per-fold validation accuracy (fold order) for each grid point."""
+        if ("fold_scores", metric) in self._memo:
+            return self._memo[("fold_scores", metric)]
         client = MlflowClient()
         scores = {}
         for point, run_id in self.runs["run_id"].items():
             history = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)
             scores[point] = [m.value for m in history]
+        self._memo[("fold_scores", metric)] = scores
         return scores
 
     def curves(self, metric: str = "val_accuracy") -> dict[str, list[dict[str, float]]]:
@@ -105,6 +109,11 @@ class GridComparison:
 
     def table(self) -> pd.DataFrame:
         """Return one row per grid point: CV scores, test accuracy and interval, time, p-value."""
+        if "table" not in self._memo:
+            self._memo["table"] = self._build_table()
+        return self._memo["table"].copy()
+
+    def _build_table(self) -> pd.DataFrame:
         table = pd.DataFrame(
             {
                 "strategy": self.runs[f"tags.{tracking.TAG_STRATEGY}"],

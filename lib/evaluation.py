@@ -41,6 +41,7 @@ class EvaluationResult:
     folder: ImageFolder
     probabilities: np.ndarray
     scores: dict[str, float]
+    data_md5: str
 
     @property
     def predictions(self) -> np.ndarray:
@@ -167,7 +168,7 @@ class EvaluationSession:
         logged = {f"{prefix}_{k}": v for k, v in scores.items() if np.isfinite(v)}
         logged[f"{prefix}_skipped_images"] = len(folder.skipped)
         tracking.log_batch(self.run_id, metrics=logged, tags={f"{prefix}_data_md5": md5})
-        return EvaluationResult(name, folder, probs, scores)
+        return EvaluationResult(name, folder, probs, scores, md5)
 
     def evaluate_test(
         self, data_dir: str | None = None, skip_bad_images: bool = False
@@ -179,7 +180,7 @@ class EvaluationSession:
     def fold_models_on(self, result: EvaluationResult) -> pd.DataFrame:
         """Score every fold model on the same folder; log mean and std; return a table."""
         rows = []
-        md5 = data_version(result.folder.root)
+        md5 = result.data_md5
         for path in sorted(self.checkpoint_dir.glob("fold*.pt")):
             model, _, prep, _ = load_checkpoint(path)
             probs = predict_folder(model, prep, result.folder, md5, self.device)

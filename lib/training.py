@@ -108,14 +108,7 @@ class TrainingInputs:
             )
             self.inputs = torch.from_numpy(features)
         else:
-            self.template, self.prep = build_classifier(
-                strategy.backbone,
-                strategy.weights,
-                strategy.image_size,
-                self.num_classes,
-                strategy.dropout,
-                strategy.seed,
-            )
+            self.template, self.prep = self._build_classifier()
             self.cache_hit = False
             self.inputs = torch.from_numpy(
                 decoded_images(folder, strategy.image_size, data_md5, progress=progress)
@@ -141,19 +134,17 @@ class TrainingInputs:
         # channels_last weights to match channels_last inputs: about 1.6x faster convolutions on CPU
         return model.to(self.device, memory_format=torch.channels_last)
 
+    def _build_classifier(self) -> tuple[Classifier, Preprocessing]:
+        s = self.strategy
+        return build_classifier(
+            s.backbone, s.weights, s.image_size, self.num_classes, s.dropout, s.seed
+        )
+
     def full_model(self, trained: Classifier) -> Classifier:
         """Return a complete classifier (pretrained backbone + the trained head) on the CPU."""
         if self.template is not None:
             return trained.cpu()
-        strategy = self.strategy
-        model, _ = build_classifier(
-            strategy.backbone,
-            strategy.weights,
-            strategy.image_size,
-            self.num_classes,
-            strategy.dropout,
-            strategy.seed,
-        )
+        model, _ = self._build_classifier()
         model.head.load_state_dict(trained.head.state_dict())
         freeze_backbone(model)
         return model.eval()
