@@ -1,15 +1,17 @@
 """Executing the pipeline notebooks with papermill and rendering them to HTML.
 
-Starting a kernel and importing torch, timm and MLflow costs several seconds per notebook. With
-``IMGCLS_WARM_KERNEL=1`` a process keeps one warm kernel and reuses it for every notebook it
-runs, clearing the user namespace (``%reset -f``) before each one: no variable survives from one
-notebook to the next, and each notebook still reads its inputs from MLflow. The default is a
-fresh kernel per notebook, which survives interrupts cleanly.
+Starting a kernel and importing torch, timm and MLflow costs 4-5 s per notebook, so by default a
+process keeps one warm kernel and reuses it for every notebook it runs, clearing the user
+namespace (``%reset -f``) before each one: no variable survives from one notebook to the next,
+and each notebook still reads its inputs from MLflow. An interrupt or a failed notebook discards
+the warm kernel (its process is killed directly, never through the interrupted event loop).
+``IMGCLS_WARM_KERNEL=0`` (or ``IMGCLS_FRESH_KERNELS=1``) starts a fresh kernel per notebook.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import time
@@ -64,24 +66,31 @@ def check_parameters(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
 
 
 _WARM: dict[str, Any] = {}
+atexit.register(lambda: shutdown_kernel())
 
 
 def _fresh_kernels() -> bool:
-    """Return True unless the warm kernel is switched on (``IMGCLS_WARM_KERNEL=1``).
-
-    The warm kernel is opt-in: it saves 4-5 s per notebook, but an interrupt (Ctrl-C, SIGKILL of
-    the runner) can leave the runner waiting on a dead kernel; fresh kernels are the safe default.
-    """
+    """Return True when every notebook gets its own kernel instead of this process's warm one."""
     if os.environ.get("IMGCLS_FRESH_KERNELS", "").lower() in ("1", "true", "yes"):
         return True
-    return os.environ.get("IMGCLS_WARM_KERNEL", "0").lower() not in ("1", "true", "yes")
+    return os.environ.get("IMGCLS_WARM_KERNEL", "1").lower() in ("0", "false", "no")
 
 
 def shutdown_kernel() -> None:
-    """Stop this process's warm kernel, if one is running."""
+    """Kill this process's warm kernel, if one is running, and remove its connection file.
+
+    The kernel process is killed directly: after an interrupt, jupyter_client's own (async)
+    shutdown would run on nbclient's interrupted event loop and can wait forever.
+    """
     km = _WARM.pop("km", None)
-    if km is not None and km.has_kernel:
-        km.shutdown_kernel(now=True)
+    if km is None:
+        return
+    process = getattr(getattr(km, "provisioner", None), "process", None)
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+    with contextlib.suppress(OSError, TypeError):
+        Path(km.connection_file).unlink(missing_ok=True)
 
 
 def warm_kernel() -> Any:
@@ -89,14 +98,13 @@ def warm_kernel() -> Any:
     from jupyter_client.manager import KernelManager
 
     km = _WARM.get("km")
-    if km is not None and km.is_alive():
+    process = getattr(getattr(km, "provisioner", None), "process", None)
+    if process is not None and process.poll() is None:
         return km
-    if km is not None:
-        shutdown_kernel()
+    shutdown_kernel()
     km = KernelManager(kernel_name=KERNEL_NAME)
     km.start_kernel(cwd=str(paths.notebooks_dir()))
     _WARM["km"] = km
-    atexit.register(shutdown_kernel)
     return km
 
 
@@ -146,6 +154,10 @@ def execute(name: str, output: Path, parameters: dict[str, Any]) -> float:
             log_output=False,
             **warm,
         )
+    except BaseException:
+        # a failed or interrupted notebook may leave the kernel busy or broken: never reuse it
+        shutdown_kernel()
+        raise
     finally:
         if env_before is None:
             os.environ.pop("PYTHONPATH", None)
