@@ -28,8 +28,8 @@ from lib.data import (
     require_split,
     scan_image_folder,
 )
-from lib.features import pick_device, to_model_input
-from lib.models import Classifier, Preprocessing
+from lib.features import cached_features, pick_device, to_model_input
+from lib.models import Classifier, Preprocessing, build_head
 from lib.session import set_threads
 
 
@@ -177,13 +177,36 @@ class EvaluationSession:
         root = Path(data_dir) if data_dir else None
         return self.evaluate(self.load_folder(require_split("test", root), skip_bad_images), "test")
 
+    def fold_probabilities(self, path: Path, result: EvaluationResult) -> np.ndarray:
+        """Return a fold checkpoint's softmax probabilities ``[N, C]`` on the folder of ``result``.
+
+        A head-only checkpoint (frozen backbone) is applied to the folder's cached backbone
+        features, computed once for every fold and grid point with the same backbone and weights;
+        a full checkpoint runs its own model over the images.
+        """
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not payload.get("head_only"):
+            model, _, prep, _ = load_checkpoint(path)
+            return predict_folder(model, prep, result.folder, result.data_md5, self.device)
+        features, _ = cached_features(
+            result.folder,
+            payload["backbone"],
+            payload["backbone_weights"],
+            int(payload["preprocessing"]["image_size"]),
+            result.data_md5,
+            pick_device(self.device),
+        )
+        head = build_head(features.shape[1], len(payload["classes"]), payload["dropout"], seed=0)
+        head.load_state_dict({k.removeprefix("head."): v for k, v in payload["state_dict"].items()})
+        with torch.inference_mode():
+            logits = head.eval()(torch.from_numpy(features))
+        return torch.softmax(logits.float(), dim=1).numpy()
+
     def fold_models_on(self, result: EvaluationResult) -> pd.DataFrame:
         """Score every fold model on the same folder; log mean and std; return a table."""
         rows = []
-        md5 = result.data_md5
         for path in sorted(self.checkpoint_dir.glob("fold*.pt")):
-            model, _, prep, _ = load_checkpoint(path)
-            probs = predict_folder(model, prep, result.folder, md5, self.device)
+            probs = self.fold_probabilities(path, result)
             scores = metrics.classification_metrics(result.folder.labels, probs, self.classes)
             rows.append(
                 {

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from lib import tracking
+from lib.checkpoint import load_checkpoint, save_checkpoint
 from lib.data import DataError
-from lib.evaluation import EvaluationSession, metric_prefix
+from lib.evaluation import EvaluationSession, metric_prefix, predict_folder
 from lib.models import build_classifier
 from tests.conftest import write_dataset
 
@@ -54,3 +57,31 @@ def test_quality_gate_is_logged_with_its_margin(session, tmp_path, threshold, pa
     assert run.data.tags["quality_gate"] == ("passed" if passed else "failed")
     assert run.data.metrics["gate_margin"] == pytest.approx(result.scores["accuracy"] - threshold)
     assert ("PASSED" if passed else "FAILED") in run.data.tags["quality_gate_message"]
+
+
+def test_head_only_fold_models_score_on_cached_features_like_the_full_model(session, tmp_path):
+    """A frozen strategy's fold checkpoint (head only) scores exactly as its rebuilt full model."""
+    folder = write_dataset(tmp_path / "test", {"forest": 4, "sea": 4}, seed=3)
+    result = session.evaluate(session.load_folder(folder), name="test")
+    torch.manual_seed(7)
+    for index, head_only in enumerate([True, False]):
+        model, prep = build_classifier("resnet18", "none", 32, 2, 0.1, seed=index + 1)
+        with torch.no_grad():
+            model.head[1].weight.normal_(0, 0.5)  # a head far from its initialisation
+        save_checkpoint(
+            session.checkpoint_dir / f"fold{index}.pt",
+            model,
+            ["forest", "sea"],
+            prep,
+            "resnet18",
+            0.1,
+            head_only_with_weights="none" if head_only else None,
+        )
+        full, _, _, _ = load_checkpoint(session.checkpoint_dir / f"fold{index}.pt")
+        expected = predict_folder(full, prep, result.folder, result.data_md5)
+        found = session.fold_probabilities(session.checkpoint_dir / f"fold{index}.pt", result)
+        assert found.shape == (8, 2)
+        np.testing.assert_allclose(found, expected, atol=1e-5)
+        assert not np.allclose(found, 0.5, atol=0.01)  # the scores depend on the trained head
+    table = session.fold_models_on(result)
+    assert list(table.index) == ["fold0", "fold1", "refit (all training data)"]
