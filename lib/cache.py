@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,45 +43,100 @@ def load_rgb(path: str | Path, image_size: int) -> np.ndarray:
         return np.asarray(fitted, dtype=np.uint8)
 
 
+def cache_file(kind: str, key: dict, cache_root: Path | None = None) -> Path:
+    """Return the path of the cache entry ``<cache>/<kind>/<hash(key)>.npy`` (it may not exist)."""
+    return (cache_root or paths.cache_dir()) / kind / f"{stable_hash(key, 24)}.npy"
+
+
+def load_cached(path: Path) -> np.ndarray | None:
+    """Return the array stored at ``path``, or None when it is missing or unreadable (then removed)."""
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path)
+    except (ValueError, OSError):
+        path.unlink(missing_ok=True)  # unreadable: rebuild rather than fail or trust it
+        return None
+
+
 def cached_array(
     kind: str, key: dict, build: Callable[[], np.ndarray], cache_root: Path | None = None
 ) -> tuple[np.ndarray, bool]:
     """Return ``(array, hit)``: load ``<cache>/<kind>/<hash(key)>.npy`` or build and store it."""
-    folder = (cache_root or paths.cache_dir()) / kind
-    path = folder / f"{stable_hash(key, 24)}.npy"
-    if path.is_file():
-        try:
-            return np.load(path), True
-        except (ValueError, OSError):
-            path.unlink(missing_ok=True)  # unreadable: rebuild rather than fail or trust it
+    path = cache_file(kind, key, cache_root)
+    array = load_cached(path)
+    if array is not None:
+        return array, True
     array = build()
     atomic_save_npy(path, array)
     return array, False
 
 
-def decoded_images(
-    folder: ImageFolder, image_size: int, data_md5: str, progress: bool = False
-) -> np.ndarray:
-    """Return all images of a split as uint8 ``[N, 3, S, S]``, decoded once and cached."""
-    key = {
+class BackgroundDecoder:
+    """Decodes a split into a uint8 ``[N, 3, S, S]`` array, in file order, in a background thread.
+
+    Pillow releases the GIL while it decodes and resizes, so a consumer (the backbone's forward
+    pass) can start on the first rows while the rest are still being decoded.
+    """
+
+    def __init__(self, folder: ImageFolder, image_size: int, progress: bool = False):
+        self.array = np.empty((len(folder), 3, image_size, image_size), dtype=np.uint8)
+        self._paths = folder.paths
+        self._size = image_size
+        self._desc = f"decode {folder.root.name} @{image_size}px" if progress else None
+        self._done = 0
+        self._error: BaseException | None = None
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        items = self._paths
+        if self._desc:
+            from tqdm import tqdm
+
+            items = tqdm(items, desc=self._desc, unit="img", mininterval=3)
+        try:
+            for index, path in enumerate(items):
+                self.array[index] = load_rgb(path, self._size).transpose(2, 0, 1)
+                if (index + 1) % 16 == 0 or index + 1 == len(self._paths):
+                    with self._ready:
+                        self._done = index + 1
+                        self._ready.notify_all()
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            with self._ready:
+                self._error = exc
+                self._ready.notify_all()
+
+    def wait_for(self, rows: int) -> None:
+        """Block until the first ``rows`` images are decoded; re-raise a decoding error."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._done >= rows or self._error is not None)
+        if self._error is not None:
+            raise self._error
+
+    def result(self) -> np.ndarray:
+        """Return the whole decoded array once every image is decoded."""
+        self.wait_for(len(self._paths))
+        return self.array
+
+
+def decoded_key(folder: ImageFolder, image_size: int, data_md5: str) -> dict:
+    """Return the cache key of a split's decoded images: data version, file list, image size."""
+    return {
         "data": data_md5,
         "root": folder.root.name,
         "files": stable_hash(folder.relpaths(), 32),
         "size": image_size,
     }
 
-    def build() -> np.ndarray:
-        items = folder.paths
-        if progress:
-            from tqdm import tqdm
 
-            items = tqdm(
-                items, desc=f"decode {folder.root.name} @{image_size}px", unit="img", mininterval=3
-            )
-        out = np.empty((len(folder), 3, image_size, image_size), dtype=np.uint8)
-        for i, path in enumerate(items):
-            out[i] = load_rgb(path, image_size).transpose(2, 0, 1)
-        return out
-
-    array, _ = cached_array("decoded", key, build)
+def decoded_images(
+    folder: ImageFolder, image_size: int, data_md5: str, progress: bool = False
+) -> np.ndarray:
+    """Return all images of a split as uint8 ``[N, 3, S, S]``, decoded once and cached."""
+    key = decoded_key(folder, image_size, data_md5)
+    array, _ = cached_array(
+        "decoded", key, lambda: BackgroundDecoder(folder, image_size, progress).result()
+    )
     return array

@@ -226,11 +226,12 @@ def data_version(root: str | Path | None = None) -> str:
 def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Return a fold index per sample: stratified, shuffled with ``seed``, reproducible.
 
-    The same labels (the sorted file list of a data version), k and seed always give the same
-    assignment, so every strategy is compared on identical splits.
+    Each class's samples are shuffled and dealt to the folds in turn, continuing where the
+    previous class stopped, so every fold holds each class to within one sample and the fold
+    sizes differ by at most one. The same labels (the sorted file list of a data version), k and
+    seed always give the same assignment, so every strategy is compared on identical splits.
+    (Plain numpy: importing scikit-learn for this cost 2.3 s in every training process.)
     """
-    from sklearn.model_selection import StratifiedKFold
-
     labels = np.asarray(labels)
     smallest = int(np.bincount(labels).min())
     if folds > smallest:
@@ -238,8 +239,11 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
             f"{folds} folds requested but the smallest class has {smallest} images; "
             "use folds <= smallest class size"
         )
+    rng = np.random.default_rng(seed)
     assignment = np.full(len(labels), -1, dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        assignment[val_idx] = fold
+    offset = 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        assignment[members] = (offset + np.arange(len(members))) % folds
+        offset = (offset + len(members)) % folds
     return assignment

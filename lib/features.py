@@ -7,11 +7,20 @@ size) and the head trains on the cached vectors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
-from lib.cache import cached_array, decoded_images
+from lib.cache import (
+    BackgroundDecoder,
+    atomic_save_npy,
+    cache_file,
+    cached_array,
+    decoded_key,
+    load_cached,
+)
 from lib.config import stable_hash
 from lib.data import ImageFolder
 from lib.models import Preprocessing, build_backbone, weights_identity
@@ -44,8 +53,13 @@ def embed_images(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "features",
+    wait_for: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Run a backbone in eval mode over uint8 images; return float32 features ``[N, F]``."""
+    """Run a backbone in eval mode over uint8 images; return float32 features ``[N, F]``.
+
+    ``wait_for(rows)``, when given, blocks until the first ``rows`` images are filled in (images
+    still being decoded by a :class:`~lib.cache.BackgroundDecoder`).
+    """
     backbone.eval().to(device)
     backbone = backbone.to(memory_format=torch.channels_last)
     starts = range(0, len(images), batch_size)
@@ -55,6 +69,8 @@ def embed_images(
         starts = tqdm(starts, desc=desc, unit="batch", mininterval=3)
     chunks = []
     for start in starts:
+        if wait_for is not None:
+            wait_for(min(start + batch_size, len(images)))
         batch = torch.from_numpy(images[start : start + batch_size])
         chunks.append(backbone(to_model_input(batch, prep, device)).float().cpu())
     return torch.cat(chunks).numpy()
@@ -81,15 +97,23 @@ def cached_features(
     }
 
     def build() -> np.ndarray:
-        images = decoded_images(folder, image_size, data_md5, progress=progress)
+        # Not decoded yet: decode in a background thread while the backbone is built (importing
+        # timm) and embeds the rows decoded so far; the decoded images are cached afterwards.
+        decoded_path = cache_file("decoded", decoded_key(folder, image_size, data_md5))
+        images = load_cached(decoded_path)
+        decoder = None if images is not None else BackgroundDecoder(folder, image_size)
         backbone, _, prep = build_backbone(backbone_name, weights, image_size)
-        return embed_images(
+        features = embed_images(
             backbone,
-            images,
+            images if decoder is None else decoder.array,
             prep,
             pick_device(str(device) if device else None),
             progress=progress,
             desc=f"{backbone_name} features {folder.root.name}",
+            wait_for=None if decoder is None else decoder.wait_for,
         )
+        if decoder is not None:
+            atomic_save_npy(decoded_path, decoder.result())
+        return features
 
     return cached_array("features", key, build)

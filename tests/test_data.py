@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lib import paths
-from lib.cache import decoded_images
+from lib.cache import BackgroundDecoder, cache_file, decoded_images, decoded_key, load_rgb
 from lib.data import (
     DataError,
     assign_folds,
@@ -21,6 +21,7 @@ from lib.data import (
     require_split,
     scan_image_folder,
 )
+from lib.features import cached_features
 
 
 def test_scan_sorts_classes_and_labels_files(image_dataset):
@@ -139,6 +140,12 @@ def test_folds_are_stratified_seeded_and_reproducible():
     assert not np.array_equal(folds, assign_folds(labels, 5, seed=8))
     for k in range(5):
         assert np.bincount(labels[folds == k]).tolist() == [6, 4]
+    uneven = np.array([0] * 7 + [1] * 6 + [2] * 5)  # 18 samples in 4 folds
+    folds = assign_folds(uneven, 4, seed=1)
+    assert sorted(np.bincount(folds).tolist()) == [4, 4, 5, 5]
+    for label in range(3):
+        per_fold = np.bincount(folds[uneven == label], minlength=4)
+        assert per_fold.max() - per_fold.min() <= 1
     with pytest.raises(DataError, match="smallest class has 20"):
         assign_folds(labels, 21, seed=0)
 
@@ -154,6 +161,35 @@ def test_decoded_cache_is_written_atomically_and_reused(image_dataset, isolated_
     assert np.array_equal(first, decoded_images(folder, 32, md5))
     assert files[0].stat().st_mtime_ns == mtime
     assert decoded_images(folder, 40, md5).shape[-1] == 40
+
+
+def test_background_decoder_fills_rows_in_file_order(image_dataset):
+    folder = scan_image_folder(image_dataset / "train")
+    decoder = BackgroundDecoder(folder, 24)
+    decoder.wait_for(1)
+    assert np.array_equal(decoder.array[0], load_rgb(folder.paths[0], 24).transpose(2, 0, 1))
+    whole = decoder.result()
+    for index, path in enumerate(folder.paths):
+        assert np.array_equal(whole[index], load_rgb(path, 24).transpose(2, 0, 1))
+
+
+def test_background_decoder_hands_a_decoding_error_to_the_consumer(image_dataset):
+    folder = scan_image_folder(image_dataset / "train")
+    folder.paths[-1].write_bytes(b"not a jpeg any more")  # broken after the scan validated it
+    decoder = BackgroundDecoder(folder, 24)
+    with pytest.raises(OSError, match="cannot identify image file"):
+        decoder.result()
+
+
+def test_cold_feature_cache_also_stores_the_decoded_images(image_dataset, isolated_cache):
+    folder = scan_image_folder(image_dataset / "train")
+    md5 = data_version(image_dataset)
+    features, hit = cached_features(folder, "resnet18", "none", 32, md5)
+    assert not hit and features.shape == (len(folder), 512)
+    stored = np.load(cache_file("decoded", decoded_key(folder, 32, md5)))
+    assert np.array_equal(stored, decoded_images(folder, 32, md5))
+    again, hit = cached_features(folder, "resnet18", "none", 32, md5)
+    assert hit and np.array_equal(again, features)
 
 
 def test_corrupt_cache_file_is_rebuilt_not_trusted(image_dataset, isolated_cache):
