@@ -208,6 +208,7 @@ def train_rows(
             set_train_mode(model, strategy.freeze_backbone)
         order = train_rows_[torch.randperm(len(train_rows_), generator=generator)]
         total_loss, correct = 0.0, 0
+        epoch_start = time.perf_counter()
         for start in range(0, len(order), strategy.batch_size):
             rows = order[start : start + strategy.batch_size]
             targets = inputs.labels[rows].to(inputs.device)
@@ -222,14 +223,17 @@ def train_rows(
             "epoch": epoch,
             "train_loss": total_loss / len(order),
             "train_accuracy": correct / len(order),
+            "epoch_train_seconds": time.perf_counter() - epoch_start,
         }
         if val_rows is not None and len(val_rows):
+            val_start = time.perf_counter()
             probs = predict_rows(inputs, module, val_rows)
             targets = inputs.labels[val_rows]
             record["val_loss"] = float(
                 nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), targets)
             )
             record["val_accuracy"] = float((probs.argmax(1) == targets).float().mean())
+            record["epoch_val_seconds"] = time.perf_counter() - val_start
             if record["val_loss"] < best[0] - 1e-6:
                 best, stale = (record["val_loss"], epoch, copy.deepcopy(module.state_dict())), 0
             else:
