@@ -184,9 +184,11 @@ class TrainingSession:
         for fold in result.folds:
             model = self.inputs.new_model(self.strategy.seed)
             model.load_state_dict(fold.state_dict)
+            # a head-only checkpoint needs no backbone: only the head's tensors are stored
+            full = model.cpu() if head_only else self.inputs.full_model(model.cpu())
             save_checkpoint(
                 folder / f"fold{fold.fold}.pt",
-                self.inputs.full_model(model.cpu()),
+                full,
                 result.classes,
                 result.preprocessing,
                 self.strategy.backbone,
