@@ -8,9 +8,11 @@ half-written file under the real name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +35,27 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_partial_files(
+    max_age_seconds: float = 3600.0, cache_root: Path | None = None
+) -> list[Path]:
+    """Delete the ``.*.tmp`` files a killed writer left in the cache; return what was deleted.
+
+    A cache file is written in seconds, so a temporary file older than ``max_age_seconds`` has
+    no living writer; younger ones may belong to a concurrent process and are left alone.
+    """
+    root = cache_root or paths.cache_dir()
+    if not root.is_dir():
+        return []
+    removed = []
+    cutoff = time.time() - max_age_seconds
+    for path in root.glob("*/.*.tmp"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def load_rgb(path: str | Path, image_size: int) -> np.ndarray:

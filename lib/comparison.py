@@ -7,6 +7,7 @@ its version gets the alias ``champion``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +229,9 @@ class GridComparison:
                 },
             )
             client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+            if existing:  # the alias moved: the previous champion's run is no longer one
+                with contextlib.suppress(mlflow.exceptions.MlflowException):
+                    client.set_tag(existing.run_id, "champion", "false")
         client.set_tag(run["run_id"], "champion", "true")
         uri = f"models:/{name}@{CHAMPION_ALIAS}"
         print(f"Registered {uri} -> version {version.version} (run {run['run_id']}, {point})")

@@ -28,7 +28,7 @@ from lib.data import (
     require_split,
     scan_image_folder,
 )
-from lib.features import cached_features, pick_device, to_model_input
+from lib.features import EVAL_BATCH_SIZE, cached_features, pick_device, to_model_input
 from lib.models import Classifier, Preprocessing, build_head
 from lib.session import set_threads
 
@@ -98,7 +98,7 @@ def predict_folder(
     folder: ImageFolder,
     data_md5: str,
     device: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> np.ndarray:
     """Return softmax probabilities ``[N, C]`` of ``model`` over a folder (decoded-image cache)."""
     dev = pick_device(device)

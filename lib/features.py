@@ -25,6 +25,10 @@ from lib.config import stable_hash
 from lib.data import ImageFolder
 from lib.models import Preprocessing, build_backbone, weights_identity
 
+# Images per forward pass when predicting (validation, evaluation): on a CPU, 32 is as fast as
+# 64-128 and holds less activation memory. Feature extraction keeps batches of 64.
+EVAL_BATCH_SIZE = 32
+
 
 def pick_device(preferred: str | None = None) -> torch.device:
     """Return ``preferred`` if given, else CUDA when available, else the CPU."""

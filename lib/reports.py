@@ -63,8 +63,9 @@ def write_index(plan: Any, data_result: dict, compare: dict, reports: Path) -> P
         links = " · ".join(
             _link(folder / f"{n}.html", reports, n) for n in ("02_train_cv", "03_evaluate")
         )
+        champion = " ★ champion" if info.get("tag:champion") == "true" else ""
         rows.append(
-            f"<tr><td>{html.escape(point.strategy.run_name)}</td>"
+            f"<tr><td>{html.escape(point.strategy.run_name)}{champion}</td>"
             f'<td class="{html.escape(str(status))}">{html.escape(str(status))}</td>'
             f"<td>{_fmt(info.get('cv_accuracy_mean'))} ± {_fmt(info.get('cv_accuracy_std'))}</td>"
             f"<td>{_fmt(info.get('test_accuracy'))}</td>"

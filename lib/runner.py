@@ -329,10 +329,8 @@ def run_single_notebook(
 
 
 def _task(plan: Plan, options: RunnerOptions, point: GridPoint, threads: int) -> dict[str, Any]:
-    from lib.session import lineage_tags
-
     strategy = point.strategy
-    tags = lineage_tags(strategy, plan.data_md5, plan.grid_id)
+    tags = tracking.lineage_tags(strategy, plan.data_md5, plan.grid_id)
     deltas = {k: v for k, v in strategy.params().items() if k != "name"}
     return {
         "tracking_uri": plan.tracking_uri,
@@ -368,6 +366,11 @@ def run_grid(options: RunnerOptions) -> int:
     stale = tracking.mark_stale_runs(plan.experiment_id)
     if stale:
         log(f"marked {len(stale)} run(s) of dead runners as KILLED: {', '.join(stale)}")
+    from lib.cache import remove_stale_partial_files
+
+    partial = remove_stale_partial_files()
+    if partial:
+        log(f"removed {len(partial)} partial cache file(s) left by killed processes")
     try:
         return _execute_plan(plan, options, start)
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from lib import tracking
 from lib.checkpoint import save_checkpoint
-from lib.config import Strategy, check_against_data, run_key, strategy_from_dict
+from lib.config import Strategy, check_against_data, strategy_from_dict
 from lib.data import ImageFolder, data_version, require_split, scan_image_folder
 from lib.training import CVResult, TrainingInputs, cross_validate, prepare_inputs, refit
 
@@ -31,22 +31,6 @@ def set_threads(torch_threads: int) -> int:
     if torch_threads and torch_threads > 0:
         torch.set_num_threads(int(torch_threads))
     return torch.get_num_threads()
-
-
-def lineage_tags(strategy: Strategy, data_md5: str, grid_id: str = "by-hand") -> dict[str, str]:
-    """Return the tags every grid-point run carries: grid id, run key, strategy, git, data md5."""
-    code = tracking.code_version()
-    return {
-        tracking.TAG_GRID_ID: grid_id,
-        tracking.TAG_RUN_KEY: run_key(strategy, data_md5, code),
-        tracking.TAG_STRATEGY: strategy.name,
-        tracking.TAG_GRID_POINT: strategy.run_name,
-        tracking.TAG_KIND: "grid_point",
-        "code_version": code,
-        "data_md5": data_md5,
-        "mlflow.runName": strategy.run_name,
-        **tracking.git_info(),
-    }
 
 
 @dataclass
@@ -87,7 +71,7 @@ class TrainingSession:
         experiment_id = tracking.get_experiment_id(experiment_name)
         client = MlflowClient()
         if parent_run_id is None:
-            run = client.create_run(experiment_id, tags=lineage_tags(parsed, md5))
+            run = client.create_run(experiment_id, tags=tracking.lineage_tags(parsed, md5))
             run_id = run.info.run_id
             tracking.log_batch(run_id, params=parsed.params())
         else:

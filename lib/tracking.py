@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from lib import paths
+from lib.config import Strategy, run_key
 
 DEFAULT_EXPERIMENT = "sea-vs-forest"
 TAG_GRID_ID = "grid_id"
@@ -271,3 +272,22 @@ def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) 
         run_id=run_id, artifact_path=artifact_path, dst_path=str(dst) if dst else None
     )
     return Path(local)
+
+
+def lineage_tags(strategy: Strategy, data_md5: str, grid_id: str = "by-hand") -> dict[str, str]:
+    """Return the tags every grid-point run carries: grid id, run key, strategy, git, data md5.
+
+    (Here rather than in lib.session so that the runner never imports torch: 0.5 GB of RSS.)
+    """
+    code = code_version()
+    return {
+        TAG_GRID_ID: grid_id,
+        TAG_RUN_KEY: run_key(strategy, data_md5, code),
+        TAG_STRATEGY: strategy.name,
+        TAG_GRID_POINT: strategy.run_name,
+        TAG_KIND: "grid_point",
+        "code_version": code,
+        "data_md5": data_md5,
+        "mlflow.runName": strategy.run_name,
+        **git_info(),
+    }

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lib import paths
-from lib.cache import BackgroundDecoder, cache_file, decoded_images, decoded_key, load_rgb
+from lib.cache import (
+    BackgroundDecoder,
+    cache_file,
+    decoded_images,
+    decoded_key,
+    load_rgb,
+    remove_stale_partial_files,
+)
 from lib.data import (
     DataError,
     assign_folds,
@@ -209,3 +218,17 @@ def test_dvc_config_points_at_shared_remote():
         json.dumps("44f106a2f74236e45f5d73b1491bd2b5.dir")[1:-1]
         in (paths.REPO_ROOT / "data.dvc").read_text()
     )
+
+
+def test_only_stale_partial_cache_files_are_removed(isolated_cache):
+    (isolated_cache / "decoded").mkdir(parents=True)
+    stale = isolated_cache / "decoded" / ".abc.npy.x1.tmp"
+    fresh = isolated_cache / "decoded" / ".def.npy.x2.tmp"
+    entry = isolated_cache / "decoded" / "abc.npy"
+    for path in (stale, fresh, entry):
+        path.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    os.utime(entry, (two_hours_ago, two_hours_ago))
+    assert remove_stale_partial_files() == [stale]
+    assert not stale.exists() and fresh.exists() and entry.exists()

@@ -160,6 +160,7 @@ def test_second_invocation_trains_nothing_that_finished(grid_run):
 def test_reports_index_links_every_report(grid_run):
     reports = Path(grid_run["tmp"]) / "reports"
     index = (reports / "index.html").read_text()
+    assert index.count("★ champion") == 1 and "frozen ★ champion" in index
     for target in (
         "data/01_data.html",
         "comparison/04_compare_runs.html",

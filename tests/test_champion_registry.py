@@ -1,0 +1,49 @@
+"""The champion alias moves between grids, and only the current champion's run says so."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from lib import tracking
+from lib.comparison import GridComparison
+
+
+class _Constant(mlflow.pyfunc.PythonModel):
+    """A stand-in model: the registry only needs a logged model to version."""
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return pd.DataFrame({"predicted_class": ["sea"] * len(model_input)})
+
+
+def _grid(grid_id: str, experiment_id: str, accuracy: float) -> GridComparison:
+    """Log one finished grid-point run with a model and CV scores; load it as a grid."""
+    tags = {
+        tracking.TAG_KIND: "grid_point",
+        tracking.TAG_GRID_ID: grid_id,
+        tracking.TAG_GRID_POINT: f"point-{grid_id}",
+        tracking.TAG_STRATEGY: "s",
+    }
+    with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Constant())
+        mlflow.log_metrics({"cv_accuracy_mean": accuracy, "cv_loss_mean": 0.1})
+        mlflow.set_tag("model_uri", info.model_uri)
+    grid = GridComparison.load("registry", grid_id)
+    assert grid.runs["run_id"].tolist() == [run.info.run_id]
+    return grid
+
+
+def test_a_new_champion_takes_the_alias_and_the_old_run_loses_its_tag(tmp_path):
+    tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.create_experiment("registry", artifact_location=(tmp_path / "a").as_uri())
+    first = _grid("g1", experiment, 0.9).register_champion("registry-model")
+    assert client.get_run(first["run_id"]).data.tags["champion"] == "true"
+
+    second = _grid("g2", experiment, 0.95).register_champion("registry-model")
+    assert second["version"] == first["version"] + 1
+    alias = client.get_model_version_by_alias("registry-model", "champion")
+    assert int(alias.version) == second["version"]
+    assert client.get_run(second["run_id"]).data.tags["champion"] == "true"
+    assert client.get_run(first["run_id"]).data.tags["champion"] == "false"
