@@ -32,13 +32,16 @@ from lib.runner import GridPoint, Plan
 from tests.conftest import make_image, write_dataset
 
 RUN = paths.REPO_ROOT / "run_experiments.py"
+# Fine-tuned for many epochs so that each grid point trains for several seconds: the kills below
+# land 3 s after a grid point started and must find it still training.
 GRID = """
 defaults:
   backbone: resnet18
   weights: none
+  freeze_backbone: false
   image_size: 32
   folds: 2
-  epochs: 2
+  epochs: 150
   batch_size: 8
 strategies:
   s:
@@ -274,7 +277,7 @@ def test_cache_holds_no_partial_files_after_kills(interrupted_grid):
     cache = Path(interrupted_grid["tmp"]["path"]) / "cache"
     assert not list(cache.rglob("*.tmp"))
     arrays = sorted(cache.rglob("*.npy"))
-    assert {p.parent.name for p in arrays} == {"decoded", "features"}
+    assert arrays and {p.parent.name for p in arrays} <= {"decoded", "features"}
     for path in arrays:
         assert np.load(path).size > 0, path
 
