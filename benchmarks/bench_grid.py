@@ -1,0 +1,192 @@
+"""The grid step: ``run_experiments.py`` on a throwaway MLflow store, timed, RSS polled."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_config import DONE_LINE, QUICK_GRID, QUICK_TEST_PER_CLASS, REPO_ROOT, RSS_POLL_SECONDS
+
+
+def _copy_subset(source: Path, target: Path, per_class: int) -> None:
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        (target / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for path in sorted(p for p in class_dir.iterdir() if p.is_file())[:per_class]:
+            shutil.copy2(path, target / class_dir.name / path.name)
+
+
+def tree_rss_bytes(root: Any) -> int:
+    """Return the summed RSS of a psutil process and all its descendants (0 once it is gone)."""
+    import psutil
+
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += process.memory_info().rss
+    return total
+
+
+def stop_tree(root: Any, grace: float = 10.0) -> None:
+    """Terminate a psutil process and its descendants; kill what is left after ``grace`` s."""
+    import psutil
+
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def parse_done_lines(lines: list[str]) -> list[dict[str, Any]]:
+    """Return ``{run, notebook, seconds}`` for every "<notebook> done" line of the runner log."""
+    found = []
+    for line in lines:
+        match = DONE_LINE.match(line.strip())
+        if match:
+            seconds, run, notebook = match.groups()
+            found.append({"run": run, "notebook": notebook, "seconds": float(seconds)})
+    return found
+
+
+def grid_point_metrics(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Read each grid-point parent run's timings from MLflow and split training from overhead."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs(
+        [found.experiment_id], filter_string="tags.run_kind = 'grid_point'", max_results=1000
+    )
+    points = []
+    names = (
+        "grid_point_seconds",
+        "cv_train_seconds",
+        "refit_seconds",
+        "cv_setup_seconds",
+        "02_train_cv_seconds",
+        "03_evaluate_seconds",
+    )
+    for run in runs:
+        metrics = {k: run.data.metrics.get(k) for k in names}
+        parts = [metrics[k] for k in names[:4]]
+        overhead = None if None in parts else parts[0] - parts[1] - parts[2] - parts[3]
+        points.append(
+            {
+                "run": run.data.tags.get("mlflow.runName", run.info.run_id),
+                "status": run.info.status,
+                **metrics,
+                "fixed_overhead_seconds": overhead,
+            }
+        )
+    return sorted(points, key=lambda p: p["run"])
+
+
+def step_grid(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run run_experiments.py on a throwaway MLflow store; time it and poll the tree's RSS."""
+    import psutil
+
+    tmp = Path(cfg["tmp_dir"]) / "grid"
+    tmp.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    experiment = f"bench-{cfg['timestamp']}"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "IMGCLS_REPORTS_DIR": str(tmp / "reports"),
+        "IMGCLS_ARTIFACT_ROOT": str(tmp / "mlartifacts"),
+        "IMGCLS_RUNS_DIR": str(tmp / "runs"),
+        "IMGCLS_CACHE_DIR": str(tmp / "cache"),  # a cold, private cache: no user state involved
+        "PYTHONUNBUFFERED": "1",
+    }
+    grid_file = Path(cfg["grid_file"]) if cfg["grid_file"] else REPO_ROOT / "strategies.yaml"
+    command = [sys.executable, "run_experiments.py"]
+    if cfg["quick"] and not cfg["grid_file"]:
+        data = tmp / "data"
+        from lib import paths
+
+        _copy_subset(paths.data_dir() / "train", data / "train", cfg["per_class"])
+        _copy_subset(paths.data_dir() / "test", data / "test", QUICK_TEST_PER_CLASS)
+        grid_file = tmp / "quick_grid.yaml"
+        grid_file.write_text(QUICK_GRID)
+        command += ["--data-dir", str(data)]
+    command += ["--grid", str(grid_file), "--force", "--experiment", experiment]
+    command += ["--tracking-uri", uri]
+    if cfg["device"]:
+        command += ["--device", cfg["device"]]
+    print(f"  $ {' '.join(command)}", flush=True)
+    lines: list[str] = []
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            print(f"  | {line}", end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    root = psutil.Process(process.pid)
+    peak = 0
+    try:
+        while process.poll() is None:
+            peak = max(peak, tree_rss_bytes(root))
+            time.sleep(RSS_POLL_SECONDS)
+    except BaseException:
+        stop_tree(root)
+        raise
+    seconds = time.perf_counter() - start
+    reader.join(timeout=10)
+    points = grid_point_metrics(uri, experiment)
+    overheads = [
+        p["fixed_overhead_seconds"] for p in points if p["fixed_overhead_seconds"] is not None
+    ]
+    mean_overhead = sum(overheads) / len(overheads) if overheads else None
+    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    training = sum((p["cv_train_seconds"] or 0) + (p["refit_seconds"] or 0) for p in points)
+    notes = f"{len(points)} grid points, exit code {process.returncode}"
+    if mean_overhead is not None:
+        notes += f", mean fixed overhead {mean_overhead:.1f} s/point"
+    return {
+        "seconds": seconds,
+        "images": None,
+        "images_per_second": None,
+        "exit_code": process.returncode,
+        "command": command,
+        "grid_file": str(grid_file),
+        "tree_peak_rss_bytes": peak,
+        "largest_child_peak_rss_bytes": children_peak,
+        "notebooks": parse_done_lines(lines),
+        "grid_points": points,
+        "training_seconds": training,
+        "mean_fixed_overhead_seconds": mean_overhead,
+        "notes": notes,
+    }

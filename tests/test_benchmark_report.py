@@ -1,0 +1,83 @@
+"""The benchmark's verdicts: each target is MET, NOT MET or n/a from the measured steps."""
+
+from __future__ import annotations
+
+import sys
+
+from lib import paths
+
+sys.path.insert(0, str(paths.REPO_ROOT / "benchmarks"))
+
+from bench_report import compute_targets, render_markdown
+
+STEPS = {
+    "floor_forward": {"seconds": 10.0, "images_per_second": 95.0},
+    "floor_train_step": {"seconds": 16.0, "images_per_second": 40.0},
+    "reference_frozen": {"seconds": 180.0, "images_per_second": 42.0},
+    "ours_frozen_cold": {"seconds": 12.0, "images_per_second": 600.0},
+    "ours_frozen_warm": {"seconds": 4.0, "images_per_second": 1900.0},
+    "reference_finetune": {"seconds": 30.0, "images_per_second": 25.0},
+    # 36 img/s with the validation pass (0.9x the floor), 30 img/s for the training steps alone
+    "ours_finetune": {
+        "seconds": 21.0,
+        "images_per_second": 36.0,
+        "train_phase_images_per_second": 30.0,
+    },
+    "grid": {"exit_code": 0, "mean_fixed_overhead_seconds": 5.0, "tree_peak_rss_bytes": 4.2e9},
+}
+
+
+def _verdicts(steps: dict) -> dict[str, tuple[float | None, str]]:
+    return {t["target"]: (t["value"], t["status"]) for t in compute_targets(steps)}
+
+
+def test_each_target_is_judged_against_its_threshold():
+    verdicts = _verdicts(STEPS)
+    assert verdicts["frozen cold / floor_forward"] == (1.2, "MET")
+    assert verdicts["reference_frozen / ours_frozen_warm"] == (45.0, "NOT MET")
+    assert verdicts["reference_finetune / ours_finetune (time per train image)"] == (
+        36.0 / 25.0,
+        "MET",
+    )
+    # the floor comparison uses the training steps, not the epoch with its validation pass
+    assert verdicts["ours_finetune training-step img/s / floor_train_step img/s"] == (
+        0.75,
+        "NOT MET",
+    )
+    assert verdicts["grid fixed overhead per grid point"] == (5.0, "MET")
+    assert verdicts["grid peak RSS (process tree)"] == (4.2e9, "NOT MET")
+
+
+def test_failed_or_missing_steps_give_n_a_not_a_verdict():
+    steps = {**STEPS, "ours_frozen_cold": {"error": "step process exited with code 1"}}
+    steps["grid"] = {**STEPS["grid"], "exit_code": 1}
+    del steps["floor_train_step"]
+    verdicts = _verdicts(steps)
+    assert verdicts["frozen cold / floor_forward"] == (None, "n/a")
+    assert verdicts["ours_finetune training-step img/s / floor_train_step img/s"] == (None, "n/a")
+    assert verdicts["grid peak RSS (process tree)"] == (None, "n/a")
+
+
+def test_markdown_lists_every_target_with_its_status():
+    report = {
+        "environment": {
+            "device": "cpu",
+            "device_name": "cpu",
+            "torch_threads": 2,
+            "cpu_count": 2,
+            "python": "3.11",
+        },
+        "dataset": {"train_images": 949, "per_class": "all", "folds": 5, "image_size": 160},
+        "mode": "full",
+        "created": "2026-11-27T00:00:00",
+        "steps_run": list(STEPS),
+        "steps": {
+            name: {**step, "images": 1, "peak_rss_bytes": 1e9, "notes": ""}
+            for name, step in STEPS.items()
+        },
+        "targets": compute_targets(STEPS),
+    }
+    markdown = render_markdown(report)
+    for target in report["targets"]:
+        assert target["target"] in markdown
+    assert markdown.count("| NOT MET |") == 3
