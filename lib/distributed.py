@@ -14,10 +14,10 @@ from typing import Any
 def run_on_dask(
     tasks: list[dict[str, Any]], scheduler: str | None, workers: int, torch_threads: int
 ) -> list[dict[str, Any]]:
-    """Run every task with :func:`lib.runner.execute_grid_point` on Dask; return results in order."""
+    """Run every task with :func:`lib.gridpoint.execute_grid_point` on Dask; return results in order."""
     from dask.distributed import Client, LocalCluster, as_completed
 
-    from lib.runner import execute_grid_point, log
+    from lib.gridpoint import execute_grid_point, log
 
     cluster = None
     if scheduler is None:

@@ -99,7 +99,14 @@ def git_info() -> dict[str, str]:
 
 # Modules that orchestrate, report or serve, but cannot change a grid point's results: editing
 # them does not invalidate finished runs.
-NOT_RESULT_CODE = {"runner.py", "reports.py", "distributed.py", "predict.py", "notebooks.py"}
+NOT_RESULT_CODE = {
+    "runner.py",
+    "gridpoint.py",
+    "reports.py",
+    "distributed.py",
+    "predict.py",
+    "notebooks.py",
+}
 
 
 def code_version() -> str:
