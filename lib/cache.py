@@ -95,37 +95,56 @@ def cached_array(
     return array, False
 
 
-class BackgroundDecoder:
-    """Decodes a split into a uint8 ``[N, 3, S, S]`` array, in file order, in a background thread.
+def decoded_key(folder: ImageFolder, image_size: int, data_md5: str) -> dict:
+    """Return the cache key of a split's decoded images: data version, file list, image size."""
+    return {
+        "data": data_md5,
+        "root": folder.root.name,
+        "files": stable_hash(folder.relpaths(), 32),
+        "size": image_size,
+    }
 
-    Pillow releases the GIL while it decodes and resizes, so a consumer (the backbone's forward
-    pass) can start on the first rows while the rest are still being decoded.
+
+class DecodedImages:
+    """A split's images as uint8 ``[N, 3, S, S]``: from the cache, or decoded and then cached.
+
+    On a cache miss a background thread decodes the files in order and stores the array in the
+    cache when done. Pillow releases the GIL while it decodes and resizes, so a consumer (the
+    backbone's forward pass) can work on the first rows (:meth:`wait_for`) while the rest are
+    still being decoded.
     """
 
-    def __init__(self, folder: ImageFolder, image_size: int, progress: bool = False):
-        self.array = np.empty((len(folder), 3, image_size, image_size), dtype=np.uint8)
-        self._paths = folder.paths
-        self._size = image_size
-        self._desc = f"decode {folder.root.name} @{image_size}px" if progress else None
-        self._done = 0
-        self._error: BaseException | None = None
+    def __init__(self, folder: ImageFolder, image_size: int, data_md5: str, progress: bool = False):
+        self._path = cache_file("decoded", decoded_key(folder, image_size, data_md5))
         self._ready = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
+        self._error: BaseException | None = None
+        cached = load_cached(self._path)
+        self.hit = cached is not None
+        if cached is not None:
+            self.array, self._done, self._thread = cached, len(cached), None
+            return
+        self.array = np.empty((len(folder), 3, image_size, image_size), dtype=np.uint8)
+        self._done = 0
+        desc = f"decode {folder.root.name} @{image_size}px" if progress else None
+        self._thread = threading.Thread(
+            target=self._decode, args=(folder.paths, image_size, desc), name="decode", daemon=True
+        )
         self._thread.start()
 
-    def _run(self) -> None:
-        items = self._paths
-        if self._desc:
+    def _decode(self, files: list[Path], image_size: int, desc: str | None) -> None:
+        items = files
+        if desc:
             from tqdm import tqdm
 
-            items = tqdm(items, desc=self._desc, unit="img", mininterval=3)
+            items = tqdm(files, desc=desc, unit="img", mininterval=3)
         try:
             for index, path in enumerate(items):
-                self.array[index] = load_rgb(path, self._size).transpose(2, 0, 1)
-                if (index + 1) % 16 == 0 or index + 1 == len(self._paths):
+                self.array[index] = load_rgb(path, image_size).transpose(2, 0, 1)
+                if (index + 1) % 16 == 0 or index + 1 == len(files):
                     with self._ready:
                         self._done = index + 1
                         self._ready.notify_all()
+            atomic_save_npy(self._path, self.array)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             with self._ready:
                 self._error = exc
@@ -139,27 +158,15 @@ class BackgroundDecoder:
             raise self._error
 
     def result(self) -> np.ndarray:
-        """Return the whole decoded array once every image is decoded."""
-        self.wait_for(len(self._paths))
+        """Return the whole array once every image is decoded and the cache file is written."""
+        if self._thread is not None:
+            self._thread.join()
+        self.wait_for(len(self.array))
         return self.array
-
-
-def decoded_key(folder: ImageFolder, image_size: int, data_md5: str) -> dict:
-    """Return the cache key of a split's decoded images: data version, file list, image size."""
-    return {
-        "data": data_md5,
-        "root": folder.root.name,
-        "files": stable_hash(folder.relpaths(), 32),
-        "size": image_size,
-    }
 
 
 def decoded_images(
     folder: ImageFolder, image_size: int, data_md5: str, progress: bool = False
 ) -> np.ndarray:
     """Return all images of a split as uint8 ``[N, 3, S, S]``, decoded once and cached."""
-    key = decoded_key(folder, image_size, data_md5)
-    array, _ = cached_array(
-        "decoded", key, lambda: BackgroundDecoder(folder, image_size, progress).result()
-    )
-    return array
+    return DecodedImages(folder, image_size, data_md5, progress).result()

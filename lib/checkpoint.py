@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from lib.models import Classifier, Preprocessing, build_classifier
+from lib.models import Classifier, Preprocessing, build_classifier, build_head
 
 
 def save_checkpoint(
@@ -57,25 +58,54 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[Classifier, list[str], Preprocessing, dict]:
-    """Load a checkpoint safely (``weights_only=True``); return ``(model in eval mode, classes, prep, payload)``."""
+def read_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint's payload safely (``weights_only=True``) without building a model."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    prep_dict = payload["preprocessing"]
-    prep = Preprocessing(
-        int(prep_dict["image_size"]), tuple(prep_dict["mean"]), tuple(prep_dict["std"])
-    )
-    backbone_weights = payload.get("backbone_weights") or "none"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def preprocessing_of(payload: dict) -> Preprocessing:
+    """Return the preprocessing a checkpoint's model expects."""
+    prep = payload["preprocessing"]
+    return Preprocessing(int(prep["image_size"]), tuple(prep["mean"]), tuple(prep["std"]))
+
+
+def model_from_checkpoint(payload: dict) -> Classifier:
+    """Build a checkpoint's full classifier (backbone rebuilt from its weights when head-only)."""
     model, _ = build_classifier(
         payload["backbone"],
-        backbone_weights,
-        prep.image_size,
+        payload.get("backbone_weights") or "none",
+        preprocessing_of(payload).image_size,
         len(payload["classes"]),
         payload.get("dropout", 0.0),
         seed=0,
     )
     model.load_state_dict(payload["state_dict"], strict=not payload.get("head_only", False))
-    model.eval()
-    return model, list(payload["classes"]), prep, payload
+    return model.eval()
+
+
+def head_from_checkpoint(payload: dict) -> nn.Sequential:
+    """Build only a checkpoint's head (dropout + linear), in eval mode: it maps features to logits."""
+    weight = payload["state_dict"]["head.1.weight"]
+    head = build_head(weight.shape[1], weight.shape[0], payload.get("dropout", 0.0), seed=0)
+    head.load_state_dict(
+        {
+            k.removeprefix("head."): v
+            for k, v in payload["state_dict"].items()
+            if k.startswith("head.")
+        }
+    )
+    return head.eval()
+
+
+def load_checkpoint(path: str | Path) -> tuple[Classifier, list[str], Preprocessing, dict]:
+    """Load a checkpoint safely (``weights_only=True``); return ``(model in eval mode, classes, prep, payload)``."""
+    payload = read_checkpoint(path)
+    return (
+        model_from_checkpoint(payload),
+        list(payload["classes"]),
+        preprocessing_of(payload),
+        payload,
+    )

@@ -20,7 +20,13 @@ from mlflow.tracking import MlflowClient
 
 from lib import metrics, tracking
 from lib.cache import decoded_images
-from lib.checkpoint import load_checkpoint
+from lib.checkpoint import (
+    head_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocessing_of,
+    read_checkpoint,
+)
 from lib.data import (
     DataError,
     ImageFolder,
@@ -29,7 +35,7 @@ from lib.data import (
     scan_image_folder,
 )
 from lib.features import EVAL_BATCH_SIZE, cached_features, pick_device, to_model_input
-from lib.models import Classifier, Preprocessing, build_head
+from lib.models import Classifier, Preprocessing
 from lib.session import set_threads
 
 
@@ -184,22 +190,21 @@ class EvaluationSession:
         features, computed once for every fold and grid point with the same backbone and weights;
         a full checkpoint runs its own model over the images.
         """
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = read_checkpoint(path)
         if not payload.get("head_only"):
-            model, _, prep, _ = load_checkpoint(path)
+            model = model_from_checkpoint(payload)
+            prep = preprocessing_of(payload)
             return predict_folder(model, prep, result.folder, result.data_md5, self.device)
         features, _ = cached_features(
             result.folder,
             payload["backbone"],
             payload["backbone_weights"],
-            int(payload["preprocessing"]["image_size"]),
+            preprocessing_of(payload).image_size,
             result.data_md5,
             pick_device(self.device),
         )
-        head = build_head(features.shape[1], len(payload["classes"]), payload["dropout"], seed=0)
-        head.load_state_dict({k.removeprefix("head."): v for k, v in payload["state_dict"].items()})
         with torch.inference_mode():
-            logits = head.eval()(torch.from_numpy(features))
+            logits = head_from_checkpoint(payload)(torch.from_numpy(features))
         return torch.softmax(logits.float(), dim=1).numpy()
 
     def fold_models_on(self, result: EvaluationResult) -> pd.DataFrame:

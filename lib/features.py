@@ -13,14 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lib.cache import (
-    BackgroundDecoder,
-    atomic_save_npy,
-    cache_file,
-    cached_array,
-    decoded_key,
-    load_cached,
-)
+from lib.cache import DecodedImages, cached_array
 from lib.config import stable_hash
 from lib.data import ImageFolder
 from lib.models import Preprocessing, build_backbone, weights_identity
@@ -62,7 +55,7 @@ def embed_images(
     """Run a backbone in eval mode over uint8 images; return float32 features ``[N, F]``.
 
     ``wait_for(rows)``, when given, blocks until the first ``rows`` images are filled in (images
-    still being decoded by a :class:`~lib.cache.BackgroundDecoder`).
+    still being decoded by :class:`~lib.cache.DecodedImages`).
     """
     backbone.eval().to(device)
     backbone = backbone.to(memory_format=torch.channels_last)
@@ -101,23 +94,20 @@ def cached_features(
     }
 
     def build() -> np.ndarray:
-        # Not decoded yet: decode in a background thread while the backbone is built (importing
-        # timm) and embeds the rows decoded so far; the decoded images are cached afterwards.
-        decoded_path = cache_file("decoded", decoded_key(folder, image_size, data_md5))
-        images = load_cached(decoded_path)
-        decoder = None if images is not None else BackgroundDecoder(folder, image_size)
+        # Images not decoded yet are decoded in a background thread while the backbone is built
+        # (importing timm) and embeds the rows decoded so far.
+        images = DecodedImages(folder, image_size, data_md5)
         backbone, _, prep = build_backbone(backbone_name, weights, image_size)
         features = embed_images(
             backbone,
-            images if decoder is None else decoder.array,
+            images.array,
             prep,
             pick_device(str(device) if device else None),
             progress=progress,
             desc=f"{backbone_name} features {folder.root.name}",
-            wait_for=None if decoder is None else decoder.wait_for,
+            wait_for=images.wait_for,
         )
-        if decoder is not None:
-            atomic_save_npy(decoded_path, decoder.result())
+        images.result()  # the decoded images are cached too (fine-tuning and 03 read them)
         return features
 
     return cached_array("features", key, build)

@@ -48,7 +48,7 @@ def init_worker() -> None:
     signal.signal(signal.SIGINT, _on_worker_sigint)
     # Pool workers start a fresh kernel per notebook: a warm kernel shared across an interrupt
     # in a worker process is not safe (it can die under Ctrl-C and leave the worker waiting).
-    os.environ["IMGCLS_FRESH_KERNELS"] = "1"
+    os.environ["IMGCLS_WARM_KERNEL"] = "0"
 
 
 def execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     if task.get("fresh_kernels"):
-        os.environ["IMGCLS_FRESH_KERNELS"] = "1"
+        os.environ["IMGCLS_WARM_KERNEL"] = "0"
     start = time.perf_counter()
     tracking.configure(task["tracking_uri"])
     if task.get("expected_data_md5"):

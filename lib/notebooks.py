@@ -5,7 +5,7 @@ process keeps one warm kernel and reuses it for every notebook it runs, clearing
 namespace (``%reset -f``) before each one: no variable survives from one notebook to the next,
 and each notebook still reads its inputs from MLflow. An interrupt or a failed notebook discards
 the warm kernel (its process is killed directly, never through the interrupted event loop).
-``IMGCLS_WARM_KERNEL=0`` (or ``IMGCLS_FRESH_KERNELS=1``) starts a fresh kernel per notebook.
+``IMGCLS_WARM_KERNEL=0`` starts a fresh kernel per notebook (pool and Dask workers set it).
 """
 
 from __future__ import annotations
@@ -71,9 +71,12 @@ atexit.register(lambda: shutdown_kernel())
 
 def _fresh_kernels() -> bool:
     """Return True when every notebook gets its own kernel instead of this process's warm one."""
-    if os.environ.get("IMGCLS_FRESH_KERNELS", "").lower() in ("1", "true", "yes"):
-        return True
     return os.environ.get("IMGCLS_WARM_KERNEL", "1").lower() in ("0", "false", "no")
+
+
+def _kernel_process(km: Any) -> Any:
+    """Return the local kernel's ``Popen`` (None when there is none)."""
+    return getattr(getattr(km, "provisioner", None), "process", None)
 
 
 def shutdown_kernel() -> None:
@@ -86,7 +89,7 @@ def shutdown_kernel() -> None:
     client = _WARM.pop("client", None)
     if km is None:
         return
-    process = getattr(getattr(km, "provisioner", None), "process", None)
+    process = _kernel_process(km)
     if process is not None and process.poll() is None:
         process.kill()
         process.wait(timeout=30)
@@ -102,7 +105,7 @@ def warm_kernel() -> Any:
     from jupyter_client.manager import KernelManager
 
     km = _WARM.get("km")
-    process = getattr(getattr(km, "provisioner", None), "process", None)
+    process = _kernel_process(km)
     if process is not None and process.poll() is None:
         return km
     shutdown_kernel()

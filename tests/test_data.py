@@ -13,7 +13,7 @@ from PIL import Image
 
 from lib import paths
 from lib.cache import (
-    BackgroundDecoder,
+    DecodedImages,
     cache_file,
     decoded_images,
     decoded_key,
@@ -172,9 +172,9 @@ def test_decoded_cache_is_written_atomically_and_reused(image_dataset, isolated_
     assert decoded_images(folder, 40, md5).shape[-1] == 40
 
 
-def test_background_decoder_fills_rows_in_file_order(image_dataset):
+def test_background_decoder_fills_rows_in_file_order(image_dataset, isolated_cache):
     folder = scan_image_folder(image_dataset / "train")
-    decoder = BackgroundDecoder(folder, 24)
+    decoder = DecodedImages(folder, 24, data_version(image_dataset))
     decoder.wait_for(1)
     assert np.array_equal(decoder.array[0], load_rgb(folder.paths[0], 24).transpose(2, 0, 1))
     whole = decoder.result()
@@ -182,10 +182,10 @@ def test_background_decoder_fills_rows_in_file_order(image_dataset):
         assert np.array_equal(whole[index], load_rgb(path, 24).transpose(2, 0, 1))
 
 
-def test_background_decoder_hands_a_decoding_error_to_the_consumer(image_dataset):
+def test_background_decoder_hands_a_decoding_error_to_the_consumer(image_dataset, isolated_cache):
     folder = scan_image_folder(image_dataset / "train")
     folder.paths[-1].write_bytes(b"not a jpeg any more")  # broken after the scan validated it
-    decoder = BackgroundDecoder(folder, 24)
+    decoder = DecodedImages(folder, 24, data_version(image_dataset))
     with pytest.raises(OSError, match="cannot identify image file"):
         decoder.result()
 
