@@ -102,7 +102,7 @@ def decode_in_memory(folder: Any, image_size: int) -> Any:
     import numpy as np
     import torch
 
-    from lib.cache import load_rgb
+    from lib.images import load_rgb
 
     out = np.empty((len(folder), 3, image_size, image_size), dtype=np.uint8)
     for i, path in enumerate(folder.paths):

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from lib import paths
 from lib.config import stable_hash
 from lib.data import ImageFolder
+from lib.images import load_rgb
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -56,14 +56,6 @@ def remove_stale_partial_files(
                 path.unlink()
                 removed.append(path)
     return removed
-
-
-def load_rgb(path: str | Path, image_size: int) -> np.ndarray:
-    """Decode one image to RGB, resize the short side and centre-crop to a square uint8 HWC array."""
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
-        fitted = ImageOps.fit(rgb, (image_size, image_size), Image.Resampling.BILINEAR)
-        return np.asarray(fitted, dtype=np.uint8)
 
 
 def cache_file(kind: str, key: dict, cache_root: Path | None = None) -> Path:

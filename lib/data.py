@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image, UnidentifiedImageError
 
-from lib import paths
+from lib import images, paths
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -72,28 +72,60 @@ def require_split(split: str, root: Path | None = None) -> Path:
     return folder
 
 
-# leading bytes of the common formats: such a file that PIL cannot open is corrupt, not foreign
-_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF"}
-
-
 def check_image(path: Path) -> BadImage | None:
-    """Decode one file fully; return a BadImage (with the reason) or None when it is usable."""
-    if path.stat().st_size == 0:
-        return BadImage(path, "empty file (0 bytes)")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img.convert("RGB")
-    except UnidentifiedImageError:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-        kind = next((k for sig, k in _SIGNATURES.items() if head.startswith(sig)), None)
-        if kind:
-            return BadImage(path, f"corrupt {kind} image (header unreadable, PIL cannot open it)")
-        return BadImage(path, "not an image file (PIL cannot identify it)")
-    except (OSError, SyntaxError, ValueError) as exc:
-        return BadImage(path, f"corrupt or truncated image ({exc})")
-    return None
+    """Read one file fully through :func:`lib.images.read_image`; return a BadImage or None."""
+    reason = images.check_image(path)
+    return BadImage(path, reason) if reason else None
+
+
+# OS metadata that is never part of a dataset (besides hidden names, which start with "."):
+# Windows thumbnails and folder settings, and the resource-fork folder of macOS zip archives.
+OS_METADATA_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
+
+
+def is_ignored(name: str) -> bool:
+    """Return whether a file or folder name is outside any dataset, by the one listing rule.
+
+    Ignored: hidden names (starting with ``.``: ``.ipynb_checkpoints``, ``.DS_Store``, and macOS
+    AppleDouble files ``._*``) and OS metadata (``Thumbs.db``, ``desktop.ini``, ``__MACOSX``,
+    any case). A folder that is ignored hides everything inside it. ``.dvcignore`` holds the
+    same patterns, so ``dvc add`` hashes exactly the files this rule lists.
+    """
+    return name.startswith(".") or name.lower() in OS_METADATA_NAMES
+
+
+def dataset_files(root: str | Path) -> list[Path]:
+    """List every file under ``root`` that belongs to the dataset, sorted by relative path.
+
+    The one listing rule for train, test, ``--eval-dir``, the data version and predict:
+    :func:`is_ignored` names are skipped at any depth, and symbolic links to files and folders
+    are followed (the data version then hashes the content actually read). A link that points
+    back into a folder being walked (a cycle) or that is broken raises a DataError naming it.
+    Paths keep ``root`` as prefix (links are not resolved in the returned paths).
+    """
+    root = Path(root)
+    found: list[Path] = []
+
+    def walk(folder: Path, ancestors: frozenset[Path]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if is_ignored(entry.name):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=True):
+                real = path.resolve()
+                if real in ancestors:
+                    raise DataError(f"{path}: symbolic link loops back to {real}; remove the link")
+                walk(path, ancestors | {real})
+            elif entry.is_file(follow_symlinks=True):
+                found.append(path)
+            elif entry.is_symlink():
+                raise DataError(
+                    f"{path}: broken symbolic link (target {os.readlink(path)!r} not found); "
+                    "remove it or restore its target"
+                )
+
+    walk(root, frozenset({root.resolve()}))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def scan_image_folder(
@@ -108,7 +140,7 @@ def scan_image_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name))
     if len(class_dirs) < 2:
         names = [p.name for p in class_dirs]
         raise DataError(
@@ -120,10 +152,7 @@ def scan_image_folder(
     labels: list[int] = []
     bad: list[BadImage] = []
     for label, class_dir in enumerate(class_dirs):
-        candidates = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
-        )
-        for path in candidates:
+        for path in dataset_files(class_dir):
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 bad.append(BadImage(path, f"not an image file (extension {path.suffix!r})"))
                 continue
@@ -178,9 +207,7 @@ def directory_md5(root: str | Path) -> str:
     """
     root = Path(root)
     entries = [
-        {"md5": file_md5(p), "relpath": p.relative_to(root).as_posix()}
-        for p in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix())
-        if p.is_file()
+        {"md5": file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in dataset_files(root)
     ]
     return hashlib.md5(json.dumps(entries).encode()).hexdigest() + ".dir"
 
@@ -195,7 +222,22 @@ def expected_data_md5(dvc_file: Path | None = None) -> str | None:
     return str(outs[0]["md5"]) if outs else None
 
 
-_VERSION_CACHE: dict[tuple[str, float], str] = {}
+_VERSION_CACHE: dict[tuple[str, str], str] = {}
+
+
+def listing_stamp(root: Path) -> str:
+    """Return a digest of (relative path, size, modification time) of every dataset file.
+
+    Stat follows symbolic links, so replacing the file behind a link changes the stamp. This is
+    the same evidence DVC's own state database uses to decide that a file is unchanged.
+    """
+    digest = hashlib.md5()
+    for path in dataset_files(root):
+        info = path.stat()
+        digest.update(
+            f"{path.relative_to(root).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}\n".encode()
+        )
+    return digest.hexdigest()
 
 
 def data_version(root: str | Path | None = None) -> str:
@@ -207,8 +249,7 @@ def data_version(root: str | Path | None = None) -> str:
     root = Path(root) if root else paths.data_dir()
     if not root.is_dir():
         raise DataError(f"{root}: dataset not found; fetch it with `dvc pull` (or `make setup`)")
-    stamp = max((p.stat().st_mtime for p in root.rglob("*")), default=0.0)
-    key = (str(root.resolve()), stamp)
+    key = (str(root.resolve()), listing_stamp(root))
     if key not in _VERSION_CACHE:
         _VERSION_CACHE[key] = directory_md5(root)
     actual = _VERSION_CACHE[key]

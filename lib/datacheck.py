@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from lib.data import (
     ImageFolder,
@@ -20,6 +19,7 @@ from lib.data import (
     require_split,
     scan_image_folder,
 )
+from lib.images import image_header, load_rgb
 
 
 @dataclass
@@ -90,15 +90,10 @@ def image_size_stats(folder: ImageFolder) -> pd.DataFrame:
     """Return width/height statistics (pixels) and colour modes per class."""
     rows = []
     for path, label in zip(folder.paths, folder.labels, strict=True):
-        with Image.open(path) as img:
-            rows.append(
-                {
-                    "class": folder.classes[label],
-                    "width_px": img.width,
-                    "height_px": img.height,
-                    "mode": img.mode,
-                }
-            )
+        width, height, mode = image_header(path)
+        rows.append(
+            {"class": folder.classes[label], "width_px": width, "height_px": height, "mode": mode}
+        )
     frame = pd.DataFrame(rows)
     stats = frame.groupby("class")[["width_px", "height_px"]].agg(["min", "median", "max"])
     stats["modes"] = frame.groupby("class")["mode"].agg(lambda m: ", ".join(sorted(set(m))))
@@ -109,8 +104,6 @@ def sample_images(
     folder: ImageFolder, per_class: int, seed: int = 0, size: int = 128
 ) -> tuple[list[np.ndarray], list[str]]:
     """Return ``per_class`` random images of each class (seeded) and their captions."""
-    from lib.cache import load_rgb
-
     rng = np.random.default_rng(seed)
     images, captions = [], []
     for label, name in enumerate(folder.classes):

@@ -1,16 +1,18 @@
-"""The MLflow pyfunc model: image paths or bytes in, class and per-class probabilities out.
+"""The MLflow pyfunc model: image bytes in, class and per-class probabilities out.
 
 The model carries its own checkpoint (weights, classes, preprocessing) and ``lib`` as code, so
 ``mlflow.pyfunc.load_model("models:/<name>@champion")`` and ``mlflow models serve`` need nothing
-from this repository. Input: a DataFrame with one column ``image`` holding file paths, raw image
-bytes, or base64-encoded image bytes (what JSON requests to a served model carry).
+from this repository. Input: a DataFrame with one column ``image`` holding raw image bytes or
+base64-encoded image bytes (what JSON requests to a served model carry). The model never opens a
+file: a path string is refused like any other text that is not base64 image bytes, with the same
+message whether or not such a file exists where the model runs. To classify files, read their
+bytes first (:func:`read_file_values`, which the predict CLI uses).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 from pathlib import Path
 from typing import Any
 
@@ -18,43 +20,58 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
 
 from lib.checkpoint import load_checkpoint
+from lib.features import to_model_input
+from lib.images import ImageReadError, load_rgb
 from lib.models import Classifier, Preprocessing
 
 IMAGE_COLUMN = "image"
 
 
-def decode_image_value(value: Any) -> Image.Image:
-    """Open one input value (path, bytes, or base64 string) as a PIL RGB image."""
+def image_bytes(value: Any, name: str) -> bytes:
+    """Return the image bytes of one input value: raw bytes, or base64 text of the bytes.
+
+    Never touches the file system. Raises :class:`~lib.images.ImageReadError` (named ``name``)
+    for anything else, including text that is a file path: the message is the same whether or
+    not that path exists, so a served model reveals nothing about its host's files.
+    """
     if isinstance(value, bytes | bytearray | memoryview):
-        return Image.open(io.BytesIO(bytes(value))).convert("RGB")
-    if not isinstance(value, str):
-        raise ValueError(
-            f"image value must be a path, bytes or base64 text, got {type(value).__name__}"
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+        raise ImageReadError(
+            name,
+            "text is not base64-encoded image bytes (the model accepts bytes or base64 only and "
+            "never opens files; read the file and send its bytes)",
         )
-    if len(value) < 4096 and Path(value).expanduser().is_file():
-        with Image.open(Path(value).expanduser()) as img:
-            return img.convert("RGB")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"not an existing file nor base64 image bytes: {value[:80]!r}") from exc
-    return Image.open(io.BytesIO(raw)).convert("RGB")
+    raise ImageReadError(name, f"expected image bytes or base64 text, got {type(value).__name__}")
 
 
-def images_to_batch(images: list[Image.Image], prep: Preprocessing) -> torch.Tensor:
-    """Resize/centre-crop PIL images and normalise them into a float batch ``[B, 3, S, S]``."""
-    size = prep.image_size
+def images_to_batch(values: list[Any], prep: Preprocessing, first_index: int = 0) -> torch.Tensor:
+    """Decode input values into the model's normalised float batch ``[B, 3, S, S]`` on the CPU.
+
+    Each value goes through :func:`lib.images.load_rgb` (EXIF orientation, 8-bit RGB, resize and
+    centre crop to ``prep.image_size``) and :func:`lib.features.to_model_input`, exactly as in
+    training. Errors name the input as ``image[<row>]``.
+    """
     arrays = [
-        np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-        for img in images
+        load_rgb(image_bytes(v, f"image[{i}]"), prep.image_size, name=f"image[{i}]")
+        for i, v in enumerate(values, start=first_index)
     ]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
-    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std).view(1, 3, 1, 1)
-    return (batch - mean) / std
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return to_model_input(batch, prep, torch.device("cpu"), channels_last=False)
+
+
+def file_value(path: Path) -> str:
+    """Read a file into one model input value: its bytes as base64 text (the signature's type).
+
+    Raises OSError (with the path) when the file cannot be read.
+    """
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 @torch.inference_mode()
@@ -69,8 +86,8 @@ def predict_images(
     model.eval()
     probabilities = []
     for start in range(0, len(values), batch_size):
-        images = [decode_image_value(v) for v in values[start : start + batch_size]]
-        logits = model(images_to_batch(images, prep))
+        batch = images_to_batch(values[start : start + batch_size], prep, first_index=start)
+        logits = model(batch)
         probabilities.append(torch.softmax(logits.float(), dim=1).numpy())
     probs = np.concatenate(probabilities) if probabilities else np.zeros((0, len(classes)))
     frame = pd.DataFrame(
@@ -95,14 +112,26 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        """Classify the images in column ``image`` (paths, bytes or base64 strings)."""
+        """Classify the images in column ``image`` (bytes or base64 text; never paths).
+
+        A bad input raises ``MlflowException`` (INVALID_PARAMETER_VALUE, so a served model answers
+        HTTP 400 with the message) naming the row: ``image[<row>]: <reason>``.
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
         if isinstance(model_input, pd.DataFrame):
             if IMAGE_COLUMN not in model_input.columns:
-                raise ValueError(f"input needs a column named {IMAGE_COLUMN!r}")
+                raise MlflowException(
+                    f"input needs a column named {IMAGE_COLUMN!r}", INVALID_PARAMETER_VALUE
+                )
             values = list(model_input[IMAGE_COLUMN])
         else:
             values = list(model_input)
-        return predict_images(self.model, self.classes, self.prep, values)
+        try:
+            return predict_images(self.model, self.classes, self.prep, values)
+        except ImageReadError as exc:
+            raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from exc
 
 
 def log_pyfunc_model(checkpoint_path: Path, example_image: Path, name: str = "model") -> Any:

@@ -17,7 +17,6 @@ from lib.cache import (
     cache_file,
     decoded_images,
     decoded_key,
-    load_rgb,
     remove_stale_partial_files,
 )
 from lib.data import (
@@ -31,6 +30,7 @@ from lib.data import (
     scan_image_folder,
 )
 from lib.features import cached_features
+from lib.images import ImageReadError, load_rgb
 
 
 def test_scan_sorts_classes_and_labels_files(image_dataset):
@@ -186,7 +186,7 @@ def test_background_decoder_hands_a_decoding_error_to_the_consumer(image_dataset
     folder = scan_image_folder(image_dataset / "train")
     folder.paths[-1].write_bytes(b"not a jpeg any more")  # broken after the scan validated it
     decoder = DecodedImages(folder, 24, data_version(image_dataset))
-    with pytest.raises(OSError, match="cannot identify image file"):
+    with pytest.raises(ImageReadError, match=r"sea_011\.jpg: not an image file"):
         decoder.result()
 
 

@@ -5,23 +5,26 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from lib import paths, tracking
 from lib.checkpoint import save_checkpoint
 from lib.config import Strategy
 from lib.data import data_version, scan_image_folder
-from lib.serving import log_pyfunc_model
+from lib.serving import file_value, log_pyfunc_model
 from lib.training import cross_validate, refit
 from tests.conftest import write_dataset
 
@@ -68,16 +71,28 @@ def _accuracy(predicted, files):
     return sum(p == f.parent.name for p, f in zip(predicted, files, strict=True)) / len(files)
 
 
-def test_pyfunc_accepts_paths_bytes_and_base64(registered):
+def test_pyfunc_accepts_bytes_and_base64(registered):
     model = mlflow.pyfunc.load_model("models:/serving-classifier@champion")
     files = registered["files"]
-    by_path = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
-    by_b64 = model.predict(
-        pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]})
+    by_b64 = model.predict(pd.DataFrame({"image": [file_value(f) for f in files]}))
+    by_bytes = model.unwrap_python_model().predict(
+        None, pd.DataFrame({"image": [f.read_bytes() for f in files]})
     )
-    assert list(by_path["predicted_class"]) == list(by_b64["predicted_class"])
-    assert by_path[["prob_forest", "prob_sea"]].sum(axis=1).round(5).eq(1.0).all()
-    assert _accuracy(by_path["predicted_class"], files) >= 0.5
+    assert list(by_bytes["predicted_class"]) == list(by_b64["predicted_class"])
+    assert by_b64[["prob_forest", "prob_sea"]].sum(axis=1).round(5).eq(1.0).all()
+    assert _accuracy(by_b64["predicted_class"], files) >= 0.5
+
+
+def test_pyfunc_opens_no_file_and_answers_alike_for_existing_and_missing_paths(registered):
+    model = mlflow.pyfunc.load_model("models:/serving-classifier@champion")
+    existing = str(registered["files"][0])
+    missing = str(registered["files"][0].with_name("no-such-photo.jpg"))
+    messages = []
+    for value in (existing, missing, "/etc/hostname", "~/.ssh/id_rsa"):
+        with pytest.raises(MlflowException, match="never opens files") as caught:
+            model.predict(pd.DataFrame({"image": [value]}))
+        messages.append(str(caught.value))
+    assert len(set(messages)) == 1  # nothing tells an existing file from a missing one
 
 
 def test_predict_cli_prints_one_line_per_image_and_writes_csv(registered):
@@ -103,8 +118,8 @@ def test_predict_cli_prints_one_line_per_image_and_writes_csv(registered):
     lines = [line for line in result.stdout.splitlines() if "\t" in line]
     assert len(lines) == len(registered["files"])
     frame = pd.read_csv(out)
-    assert list(frame.columns[:3]) == ["path", "predicted_class", "confidence"]
-    assert len(frame) == len(registered["files"])
+    assert list(frame.columns[:4]) == ["path", "status", "predicted_class", "confidence"]
+    assert len(frame) == len(registered["files"]) and frame["status"].eq("ok").all()
     missing = subprocess.run(
         [sys.executable, "-m", "lib.predict", "/no/such/file.jpg"],
         cwd=paths.REPO_ROOT,
@@ -114,6 +129,51 @@ def test_predict_cli_prints_one_line_per_image_and_writes_csv(registered):
         timeout=120,
     )
     assert missing.returncode == 2 and "/no/such/file.jpg: no such file" in missing.stderr
+
+
+def _run_predict(registered, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "lib.predict", *map(str, args)],
+        cwd=paths.REPO_ROOT,
+        env=registered["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_predict_cli_on_a_folder_copied_from_a_mac_skips_os_files_and_lists_bad_ones(registered):
+    folder = registered["tmp"] / "from-mac"
+    shutil.copytree(registered["data"] / "test", folder)
+    first = registered["files"][0]
+    rel = first.relative_to(registered["data"] / "test")
+    # AppleDouble resource forks: same name with ._ in front, not an image
+    (folder / rel.parent / f"._{first.name}").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 80)
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "x.jpg").write_bytes(b"junk")
+    (folder / ".ipynb_checkpoints").mkdir()
+    shutil.copy(first, folder / ".ipynb_checkpoints" / "copy-checkpoint.jpg")
+    broken = folder / rel.parent / "half.jpg"
+    broken.write_bytes(first.read_bytes()[:200])
+    out = registered["tmp"] / "mac.csv"
+    result = _run_predict(
+        registered, folder, "--model", "models:/serving-classifier@champion", "--csv", out
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"{broken}\terror: " in result.stderr
+    frame = pd.read_csv(out)
+    assert len(frame) == len(registered["files"]) + 1  # the photos and the broken one, no OS files
+    assert not frame["path"].str.contains("/\\._|__MACOSX|checkpoint|DS_Store", regex=True).any()
+    assert frame.set_index("path").loc[str(broken), "status"].startswith("error: ")
+    assert frame["status"].eq("ok").sum() == len(registered["files"])
+    strict = _run_predict(
+        registered, folder, "--model", "models:/serving-classifier@champion", "--strict"
+    )
+    assert strict.returncode == 2 and f"error: {broken}: " in strict.stderr
+    assert "Traceback" not in strict.stderr
 
 
 def _free_port() -> int:
@@ -171,9 +231,23 @@ def test_mlflow_models_serve_answers_http_with_correct_predictions(registered):
             predictions = json.loads(answer.read())["predictions"]
         served = [row["predicted_class"] for row in predictions]
         local = mlflow.pyfunc.load_model("models:/serving-classifier@champion").predict(
-            pd.DataFrame({"image": [str(f) for f in files]})
+            pd.DataFrame({"image": [file_value(f) for f in files]})
         )
         assert served == list(local["predicted_class"])
+        # a path on the server is refused the same way whether or not the file exists there
+        answers = []
+        for value in (str(files[0]), str(files[0].with_name("missing.jpg"))):
+            body = {"dataframe_split": {"columns": ["image"], "data": [[value]]}}
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            answers.append((refused.value.code, json.loads(refused.value.read())["message"]))
+        assert answers[0] == answers[1] and answers[0][0] == 400
+        assert "never opens files" in answers[0][1]
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)

@@ -1,0 +1,225 @@
+"""The one way to read an image: every caller (validation, caches, evaluation, predict, serving).
+
+:func:`read_image` opens a file or in-memory bytes and returns an 8-bit RGB PIL image the way a
+photo viewer shows it:
+
+- **EXIF orientation** is applied (``ImageOps.exif_transpose``), so a phone photo stored sideways
+  with Orientation=6 is trained on and served upright.
+- **Every Pillow mode becomes 8-bit RGB by one rule** (:func:`to_rgb`): 16-bit grayscale
+  (``I;16*``) is scaled by 255/65535, 32-bit integer (``I``) likewise when its values lie in the
+  16-bit range and min-max scaled otherwise, 32-bit float (``F``) is scaled from [0, 1] (or
+  min-max when outside it); palette images are expanded; any alpha channel (RGBA, LA, PA, a
+  palette's transparency) is composited onto white; CMYK, YCbCr, LAB, HSV and 1-bit are converted
+  by Pillow. Multi-frame files (GIF, TIFF, WebP) give their first frame.
+- **Oversized images are bad images**: a file with more pixels than Pillow's decompression-bomb
+  limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485 by default) is refused before its pixels are
+  decoded, with an :class:`ImageReadError` that names the file.
+- **Every failure names the file and the reason** (:class:`ImageReadError`).
+
+:func:`load_rgb` adds the model's geometry (short side resized, centre crop to a square, bilinear;
+``ImageOps.fit``), and JPEGs much larger than that size are decoded at 1/2 to 1/8 scale in the
+DCT (Pillow's draft mode), which gives the same size and orientation at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = str | Path | bytes | bytearray | memoryview
+
+# Leading bytes of common formats: a file with one of them that Pillow cannot open is corrupt.
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF"}
+
+# Draft decoding keeps at least this factor of the target size before the final resize, as
+# Pillow's own ``Image.thumbnail(reducing_gap=2.0)`` does, so the resampling filter still averages
+# over several source pixels.
+DRAFT_REDUCING_GAP = 2
+
+_WHITE = (255, 255, 255)
+
+
+class ImageReadError(ValueError):
+    """An image could not be read; ``source`` names the file (or input) and ``reason`` says why."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def _describe(source: ImageSource, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(source, str | Path):
+        return str(source)
+    return f"<{len(source)} bytes>"
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return Image.open(io.BytesIO(bytes(source)))
+    return Image.open(source)
+
+
+def _corrupt_or_foreign(source: ImageSource) -> str:
+    if isinstance(source, bytes | bytearray | memoryview):
+        head = bytes(source[:8])
+    else:
+        with open(source, "rb") as handle:
+            head = handle.read(8)
+    if not head:
+        return "empty file (0 bytes)"
+    kind = next((k for sig, k in _SIGNATURES.items() if head.startswith(sig)), None)
+    if kind:
+        return f"corrupt {kind} image (header unreadable, Pillow cannot open it)"
+    return "not an image file (Pillow cannot identify it)"
+
+
+def _scale_to_uint8(values: np.ndarray, full_scale: float | None) -> np.ndarray:
+    """Map values to 0..255: by ``full_scale`` when given, else min-max over the image."""
+    values = values.astype(np.float64)
+    if full_scale is None:
+        low, high = float(values.min()), float(values.max())
+        values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    else:
+        values = values / full_scale
+    return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return ``img`` as an 8-bit RGB image by the module's one rule for each Pillow mode.
+
+    16-bit grayscale is scaled (value * 255 / 65535), not clipped at 255; 32-bit integer images
+    whose values lie in 0..65535 are treated as 16-bit, others are min-max scaled; float images in
+    [0, 1] are multiplied by 255, others min-max scaled. Alpha (and palette transparency) is
+    composited onto white. Everything else uses Pillow's own conversion (ITU-R 601-2 luma for
+    grayscale, Pillow's CMYK/YCbCr/LAB/HSV matrices).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        values = np.asarray(img)
+        if mode.startswith("I;16"):
+            scale: float | None = 65535.0
+        elif mode == "I":
+            scale = 65535.0 if values.min() >= 0 and values.max() <= 65535 else None
+        else:
+            finite = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            values = finite
+            scale = 1.0 if finite.min() >= 0.0 and finite.max() <= 1.0 else None
+        return Image.fromarray(_scale_to_uint8(values, scale), mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in img.info
+    )
+    if mode == "L" and "transparency" in img.info:
+        has_alpha = True
+    if has_alpha:
+        return _flatten_alpha(img)
+    return img.convert("RGB")
+
+
+def read_image(
+    source: ImageSource, name: str | None = None, target_size: int | None = None
+) -> Image.Image:
+    """Read one image (a path or its bytes) as an upright 8-bit RGB PIL image.
+
+    ``name`` is what errors call the input (default: the path, or ``<N bytes>``). With
+    ``target_size`` (pixels of the square the model needs), a JPEG whose short side is at least
+    ``2 * target_size`` is decoded in Pillow's draft mode at the largest 1/2, 1/4 or 1/8 scale that
+    keeps both sides at or above ``2 * target_size``; the caller then resizes as usual.
+
+    Raises :class:`ImageReadError` naming the input for: an empty, foreign, corrupt or truncated
+    file; more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb limit); and a
+    missing or unreadable file (the OS reason is given).
+    """
+    label = _describe(source, name)
+    try:
+        with _open(source) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise ImageReadError(
+                    label,
+                    f"{img.width}x{img.height} pixels exceeds Pillow's decompression-bomb limit "
+                    f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale the file",
+                )
+            img.seek(0)  # multi-frame files: the first frame
+            if target_size and img.format == "JPEG":
+                wanted = DRAFT_REDUCING_GAP * target_size
+                if min(img.size) >= 2 * wanted:
+                    img.draft(None, (wanted, wanted))
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return to_rgb(upright).copy()
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(
+            label, f"exceeds Pillow's decompression-bomb limit ({exc}); downscale the file"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(label, _corrupt_or_foreign(source)) from exc
+    except FileNotFoundError as exc:
+        raise ImageReadError(label, "file not found") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as exc:
+        # Pillow reports truncated data as OSError, bad headers as SyntaxError/ValueError, and
+        # malformed EXIF or tile tables as EOFError/IndexError/KeyError.
+        reason = str(exc) or type(exc).__name__
+        raise ImageReadError(label, f"corrupt or truncated image ({reason})") from exc
+
+
+def fit_square(img: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the short side to ``image_size``, centre-crop; return uint8 ``[S, S, 3]`` (HWC).
+
+    Bilinear resampling with Pillow's antialiasing (``ImageOps.fit``); ``img`` must be RGB.
+    """
+    fitted = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(fitted, dtype=np.uint8)
+
+
+def load_rgb(source: ImageSource, image_size: int, name: str | None = None) -> np.ndarray:
+    """Read an image (:func:`read_image`) and fit it to uint8 ``[S, S, 3]`` with S = image_size.
+
+    This is the model's input geometry for training, evaluation, prediction and the served model.
+    Raises :class:`ImageReadError` naming the input.
+    """
+    return fit_square(read_image(source, name, target_size=image_size), image_size)
+
+
+def check_image(path: Path) -> str | None:
+    """Return why ``path`` cannot be used as an image (one phrase), or None when it reads fully."""
+    try:
+        read_image(path)
+    except ImageReadError as exc:
+        return exc.reason
+    return None
+
+
+# EXIF Orientation values 5-8 store the picture rotated by 90 degrees (width and height swapped).
+_EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def image_header(path: Path) -> tuple[int, int, str]:
+    """Return ``(width_px, height_px, mode)`` as displayed (EXIF orientation applied).
+
+    Reads the header only (no pixel decoding). Raises :class:`ImageReadError` naming the file.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(_EXIF_ORIENTATION_TAG) in _TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
+            return width, height, img.mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(str(path), f"header unreadable ({exc})") from exc
