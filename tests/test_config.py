@@ -98,3 +98,148 @@ def test_run_key_changes_with_params_data_and_code():
     assert base != run_key(Strategy(lr=0.01), "md5a", "code1")
     assert base != run_key(Strategy(), "md5b", "code1")
     assert base != run_key(Strategy(), "md5a", "code2")
+
+
+# Strict grid files (YAML 1.2, no duplicate keys, no silent null/date/yes-no surprises). Each
+# message names the file, then the line (duplicates) or the YAML path (values and names).
+
+
+def refused(tmp_path: Path, text: str) -> str:
+    """Return the ConfigError message that loading ``text`` as a grid file raises."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_grid(path)
+    return str(error.value).replace(str(path), "grid.yaml")
+
+
+def test_duplicate_strategy_names_both_lines(tmp_path):
+    text = (
+        "defaults:\n  epochs: 2\nstrategies:\n"
+        "  baseline: {}\n  longer:\n    epochs: 20\n  baseline:\n    lr: 0.1\n"
+    )
+    assert refused(tmp_path, text) == (
+        "grid.yaml:7: duplicate key 'baseline' (first defined at line 4); each key may appear once"
+    )
+
+
+def test_duplicate_field_inside_a_strategy(tmp_path):
+    text = "strategies:\n  s:\n    lr: 0.1\n    epochs: 3\n    lr: 0.01\n"
+    assert refused(tmp_path, text) == (
+        "grid.yaml:5: duplicate key 'lr' (first defined at line 3); each key may appear once"
+    )
+
+
+def test_duplicate_key_inside_defaults(tmp_path):
+    text = "defaults:\n  seed: 1\n  seed: 2\nstrategies:\n  s: {}\n"
+    assert refused(tmp_path, text) == (
+        "grid.yaml:3: duplicate key 'seed' (first defined at line 2); each key may appear once"
+    )
+
+
+def test_duplicate_top_level_key(tmp_path):
+    text = "strategies:\n  a: {}\nstrategies:\n  b: {}\n"
+    assert refused(tmp_path, text) == (
+        "grid.yaml:3: duplicate key 'strategies' (first defined at line 1); "
+        "each key may appear once"
+    )
+
+
+def test_quoted_and_plain_spellings_of_one_name_are_duplicates(tmp_path):
+    text = "strategies:\n  baseline: {}\n  'baseline':\n    epochs: 3\n"
+    assert refused(tmp_path, text) == (
+        "grid.yaml:3: duplicate key 'baseline' (first defined at line 2); each key may appear once"
+    )
+
+
+@pytest.mark.parametrize("name", ["off", "yes", "no", "on"])
+def test_yaml_1_1_boolean_words_are_strategy_names(tmp_path, name):
+    grid = load_grid(write(tmp_path, f"strategies:\n  {name}:\n    epochs: 3\n"))
+    assert grid.names() == [name]
+    assert grid.strategies[0].run_name == name
+
+
+def test_bool_field_given_yes_is_refused_with_a_hint(tmp_path):
+    assert refused(tmp_path, "strategies:\n  s:\n    freeze_backbone: yes\n") == (
+        "grid.yaml:strategies.s.freeze_backbone: expected true or false, got the text 'yes'; "
+        "write true or false"
+    )
+
+
+def test_bool_axis_given_off_on_is_refused_with_a_hint(tmp_path):
+    assert refused(tmp_path, "strategies:\n  s:\n    augment: [off, on]\n") == (
+        "grid.yaml:strategies.s.augment[0]: expected true or false, got the text 'off'; "
+        "write true or false"
+    )
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    text = (
+        "defaults:\n  lr: 1e-4\n"
+        "strategies:\n  s:\n    weight_decay: 1.0e-5\n  t:\n    lr: [1E-3, 5e-4]\n"
+    )
+    grid = load_grid(write(tmp_path, text))
+    assert [(p.lr, p.weight_decay) for p in grid.strategies] == [
+        (0.0001, 1e-05),
+        (0.001, 0.0),
+        (0.0005, 0.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "reads_as"),
+    [
+        ("2024-01-01", "a date"),
+        ("2024-01-01 10:00:00", "a date and time"),
+        ("~", "null"),
+        ("010", "a number"),
+        ("1.0", "a number"),
+        ("true", "true/false"),
+    ],
+)
+def test_names_yaml_reads_as_non_text_are_refused_with_a_quote_hint(tmp_path, name, reads_as):
+    assert refused(tmp_path, f"strategies:\n  {name}:\n    epochs: 3\n") == (
+        f'grid.yaml:strategies.{name}: YAML reads this name as {reads_as}; quote it ("{name}")'
+    )
+    grid = load_grid(write(tmp_path, f'strategies:\n  "{name}":\n    epochs: 3\n'))
+    assert grid.names() == [name]
+
+
+@pytest.mark.parametrize(("value", "written"), [("~", "~"), ("null", "null"), ("[0.1, ~]", "~")])
+def test_null_field_value_is_refused_with_a_hint(tmp_path, value, written):
+    where = "strategies.s.lr[1]" if value.startswith("[") else "strategies.s.lr"
+    assert refused(tmp_path, f"strategies:\n  s:\n    lr: {value}\n") == (
+        f"grid.yaml:{where}: YAML reads '{written}' as null (no value); remove it to keep the "
+        f'default, or quote it ("{written}") if you mean the text'
+    )
+
+
+def test_empty_strategy_means_no_deltas_but_an_empty_field_is_refused(tmp_path):
+    grid = load_grid(write(tmp_path, "defaults:\nstrategies:\n  s:\n  t: ~\n  u: {}\n"))
+    assert grid.names() == ["s", "t", "u"]
+    assert all(p.params() == {**Strategy().params(), "name": p.name} for p in grid.strategies)
+    assert refused(tmp_path, "strategies:\n  s:\n    weights:\n") == (
+        "grid.yaml:strategies.s.weights: YAML reads an empty value as null (no value); remove it "
+        "to keep the default, or write a value"
+    )
+
+
+def test_date_field_value_is_refused_with_a_quote_hint(tmp_path):
+    assert refused(tmp_path, "defaults:\n  weights: 2024-01-01\nstrategies:\n  s: {}\n") == (
+        'grid.yaml:defaults.weights: YAML reads this value as a date; quote it ("2024-01-01")'
+    )
+
+
+def test_leading_zero_is_decimal_and_sexagesimal_is_text(tmp_path):
+    grid = load_grid(write(tmp_path, "strategies:\n  s:\n    seed: 010\n"))
+    assert grid.strategies[0].seed == 10
+    assert refused(tmp_path, "strategies:\n  s:\n    epochs: 1:30\n") == (
+        "grid.yaml:strategies.s.epochs: expected int, got str '1:30'"
+    )
+
+
+def test_a_yaml_1_1_directive_is_refused(tmp_path):
+    text = "%YAML 1.1\n---\nstrategies:\n  s:\n    freeze_backbone: yes\n"
+    assert refused(tmp_path, text) == (
+        "grid.yaml: the file declares %YAML 1.1; grid files are read as YAML 1.2 "
+        "(yes/no/on/off are text, 010 is 10): remove the %YAML line"
+    )
