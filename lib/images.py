@@ -24,6 +24,7 @@ DCT (Pillow's draft mode), which gives the same size and orientation at a fracti
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _bomb_reason(pixels: int, limit: int | None) -> str:
+    return (
+        f"{pixels:,} pixels exceeds Pillow's decompression-bomb limit of {limit:,} pixels "
+        "(PIL.Image.MAX_IMAGE_PIXELS); downscale the file or raise that limit"
+    )
+
+
 def read_image(
     source: ImageSource, name: str | None = None, target_size: int | None = None
 ) -> Image.Image:
@@ -148,11 +156,7 @@ def read_image(
         with _open(source) as img:
             limit = Image.MAX_IMAGE_PIXELS
             if limit and img.width * img.height > limit:
-                raise ImageReadError(
-                    label,
-                    f"{img.width}x{img.height} pixels exceeds Pillow's decompression-bomb limit "
-                    f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale the file",
-                )
+                raise ImageReadError(label, _bomb_reason(img.width * img.height, limit))
             img.seek(0)  # multi-frame files: the first frame
             if target_size and img.format == "JPEG":
                 wanted = DRAFT_REDUCING_GAP * target_size
@@ -164,9 +168,10 @@ def read_image(
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(
-            label, f"exceeds Pillow's decompression-bomb limit ({exc}); downscale the file"
-        ) from exc
+        # raised by Image.open itself above twice the limit: "Image size (N pixels) exceeds ..."
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(found.group(1)) if found else 0
+        raise ImageReadError(label, _bomb_reason(pixels, Image.MAX_IMAGE_PIXELS)) from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError(label, _corrupt_or_foreign(source)) from exc
     except FileNotFoundError as exc:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from lib.data import (
     data_version,
     directory_md5,
     expected_data_md5,
+    is_ignored,
     require_split,
     scan_image_folder,
 )
@@ -232,3 +234,94 @@ def test_only_stale_partial_cache_files_are_removed(isolated_cache):
     os.utime(entry, (two_hours_ago, two_hours_ago))
     assert remove_stale_partial_files() == [stale]
     assert not stale.exists() and fresh.exists() and entry.exists()
+
+
+# --- The one listing rule: hidden files/folders and OS metadata are not data; links followed ---
+
+
+def _jupyter_and_os_litter(class_dir: Path, photo: Path) -> None:
+    """What JupyterLab, macOS and Windows leave in a folder a user opened or copied."""
+    checkpoints = class_dir / ".ipynb_checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "notes-checkpoint.ipynb").write_text('{"cells": []}')
+    shutil.copy(photo, checkpoints / f"{photo.stem}-checkpoint.jpg")  # an image copy: a leak
+    (class_dir / f"._{photo.name}").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+    (class_dir / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (class_dir / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (class_dir / "desktop.ini").write_text("[.ShellClassInfo]\n")
+
+
+def test_notebook_checkpoints_and_os_files_are_not_part_of_the_dataset(image_dataset):
+    train = image_dataset / "train"
+    before = scan_image_folder(train)
+    version_before = directory_md5(image_dataset)
+    _jupyter_and_os_litter(train / "sea", before.paths[-1])
+    after = scan_image_folder(train)  # no DataError for the notebook, no copy trained on
+    assert after.paths == before.paths and after.skipped == []
+    assert directory_md5(image_dataset) == version_before
+
+
+def test_macos_zip_folder_and_hidden_folders_at_any_depth_are_ignored(image_dataset):
+    train = image_dataset / "train"
+    before = scan_image_folder(train)
+    macosx = train / "__MACOSX" / "sea"
+    macosx.mkdir(parents=True)
+    shutil.copy(before.paths[0], macosx / "._x.jpg")
+    nested = train / "forest" / "album" / ".thumbnails"
+    nested.mkdir(parents=True)
+    shutil.copy(before.paths[0], nested / "thumb.jpg")
+    (train / ".trash").mkdir()
+    shutil.copy(before.paths[0], train / ".trash" / "old.jpg")
+    (train / "sea" / ".git").mkdir()
+    (train / "sea" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    after = scan_image_folder(train)
+    assert after.classes == ["forest", "sea"] and after.paths == before.paths
+
+
+def test_symlinked_class_folder_is_followed_and_versioned_by_its_content(image_dataset, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "sea"
+    shutil.move(str(image_dataset / "train" / "sea"), elsewhere)
+    (image_dataset / "train" / "sea").symlink_to(elsewhere, target_is_directory=True)
+    nested = tmp_path / "more-sea"
+    nested.mkdir()
+    photos = sorted(elsewhere.glob("*.jpg"))
+    shutil.copy(photos[0], nested / "extra.jpg")
+    (elsewhere / "more").symlink_to(nested, target_is_directory=True)  # a link inside a link
+    folder = scan_image_folder(image_dataset / "train")
+    assert image_dataset / "train" / "sea" / "more" / "extra.jpg" in folder.paths
+    assert folder.class_counts()["sea"] == 13
+    version = data_version(image_dataset)
+    # replacing the file behind a link changes the data version (and so every cache key)
+    target = nested / "extra.jpg"
+    shutil.copy(photos[-1], target)
+    os.utime(target, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert data_version(image_dataset) != version
+
+
+def test_symlink_loop_and_broken_link_are_refused_by_name(image_dataset):
+    sea = image_dataset / "train" / "sea"
+    (sea / "loop").symlink_to(sea, target_is_directory=True)
+    with pytest.raises(DataError, match=r"sea/loop: symbolic link loops back"):
+        scan_image_folder(image_dataset / "train")
+    (sea / "loop").unlink()
+    (sea / "gone.jpg").symlink_to(sea / "deleted.jpg")
+    with pytest.raises(DataError, match=r"sea/gone\.jpg: broken symbolic link"):
+        scan_image_folder(image_dataset / "train")
+    with pytest.raises(DataError, match=r"gone\.jpg: broken symbolic link"):
+        data_version(image_dataset)
+
+
+def test_is_ignored_rule():
+    for name in (".ipynb_checkpoints", "._IMG_1.jpg", ".DS_Store", "Thumbs.db", "DESKTOP.INI"):
+        assert is_ignored(name), name
+    for name in ("__MACOSX", "__macosx"):
+        assert is_ignored(name)
+    for name in ("IMG_1.jpg", "sea (coast)", "_private", "thumbs.db.jpg"):
+        assert not is_ignored(name), name
+
+
+def test_dataset_listing_rule_matches_dvcignore(real_data):
+    """DVC hashes what the pipeline lists: the data version equals data.dvc's md5."""
+    assert data_version(real_data) == expected_data_md5()
+    patterns = (paths.REPO_ROOT / ".dvcignore").read_text().split()
+    assert ".*" in patterns and "__MACOSX/" in patterns and "Thumbs.db" in patterns
