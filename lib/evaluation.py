@@ -35,6 +35,7 @@ from lib.data import (
     scan_image_folder,
 )
 from lib.features import EVAL_BATCH_SIZE, cached_features, pick_device, to_model_input
+from lib.images import load_rgb
 from lib.models import Classifier, Preprocessing
 from lib.session import set_threads
 
@@ -79,8 +80,6 @@ class EvaluationResult:
 
     def hardest_images(self, limit: int = 12) -> tuple[list[np.ndarray], list[str]]:
         """Return misclassified images, then the least confident correct ones, with captions."""
-        from lib.cache import load_rgb
-
         true = self.folder.labels
         pred = self.predictions
         confidence = self.probabilities.max(1)
