@@ -8,6 +8,7 @@ both work. Each axes gets a title and labelled axes (with units where meaningful
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -124,12 +125,30 @@ def overlaid_learning_curves(
     return fig
 
 
+# Tick labels longer than this wrap onto several lines (confusion matrix with long class names).
+LABEL_WRAP_CHARS = 16
+
+
+def _wrapped(labels: Sequence[str], width: int = LABEL_WRAP_CHARS) -> list[str]:
+    return [textwrap.fill(str(label), width, break_long_words=True) for label in labels]
+
+
 def confusion_matrix_plot(matrix: pd.DataFrame, title: str) -> Figure:
-    """Take a confusion-count DataFrame (rows true, columns predicted); return a heatmap."""
+    """Take a confusion-count DataFrame (rows true, columns predicted); return a heatmap.
+
+    Class names (the ``true: `` / ``predicted: `` prefixes of :func:`lib.metrics.confusion` are
+    moved to the axis labels) are wrapped at :data:`LABEL_WRAP_CHARS` characters, predicted
+    names are rotated 45 degrees, and the figure grows with the number of classes, so six or more
+    long names stay legible and inside the figure.
+    """
+    rows = [str(i).removeprefix("true: ") for i in matrix.index]
+    columns = [str(c).removeprefix("predicted: ") for c in matrix.columns]
+    longest = max(len(line) for name in _wrapped(rows + columns) for line in name.split("\n"))
     size = max(3.5, 1.2 * len(matrix.columns) + 2.0)
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    margin = 0.09 * longest  # inches for the wrapped tick labels
+    fig, ax = plt.subplots(figsize=(size + 1.0 + margin, size + margin))
     sns.heatmap(
-        matrix,
+        pd.DataFrame(matrix.to_numpy(), index=_wrapped(rows), columns=_wrapped(columns)),
         annot=True,
         fmt="d",
         cmap="Blues",
@@ -140,9 +159,13 @@ def confusion_matrix_plot(matrix: pd.DataFrame, title: str) -> Figure:
     ax.set_title(title)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    for colourbar_ax in fig.axes:
-        if colourbar_ax is not ax:
-            colourbar_ax.set_title("count", fontsize="small")
+    ax.tick_params(axis="y", labelrotation=0)
+    if len(columns) > 2 or longest > 8:
+        plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
+    colourbar = ax.collections[0].colorbar
+    colourbar.locator = MaxNLocator(integer=True)  # counts are whole images
+    colourbar.update_ticks()
+    colourbar.ax.set_title("count", fontsize="small")
     fig.tight_layout()
     return fig
 

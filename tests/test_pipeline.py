@@ -178,11 +178,12 @@ def test_champion_alias_and_pyfunc_in_a_new_process(grid_run):
     frozen = next(r for r in _runs("grid_point") if r.data.tags["strategy"] == "frozen")
     assert version.run_id == frozen.info.run_id or version.tags.get("run_id") == frozen.info.run_id
     script = (
-        "import mlflow, pandas as pd, pathlib, json, sys\n"
+        "import base64, mlflow, pandas as pd, pathlib, json, sys\n"
         f"mlflow.set_tracking_uri({grid_run['uri']!r})\n"
         "model = mlflow.pyfunc.load_model('models:/e2e-classifier@champion')\n"
         f"files = sorted(pathlib.Path({str(grid_run['data'] / 'test')!r}).glob('*/*.jpg'))\n"
-        "out = model.predict(pd.DataFrame({'image': [str(f) for f in files]}))\n"
+        "values = [base64.b64encode(f.read_bytes()).decode() for f in files]\n"
+        "out = model.predict(pd.DataFrame({'image': values}))\n"
         "acc = sum(p == f.parent.name for p, f in zip(out['predicted_class'], files)) / len(files)\n"
         "print(json.dumps({'accuracy': acc, 'columns': list(out.columns)}))\n"
     )
