@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,10 @@ import numpy as np
 from lib import paths
 from lib.config import stable_hash
 from lib.data import ImageFolder
-from lib.images import load_rgb
+from lib.images import load_rgb, usable_cores
+
+# Rows between two progress notifications to a consumer waiting in DecodedImages.wait_for.
+_NOTIFY_EVERY = 16
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -97,16 +102,39 @@ def decoded_key(folder: ImageFolder, image_size: int, data_md5: str) -> dict:
     }
 
 
+def decode_workers() -> int:
+    """Return how many threads should decode images: the usable cores the backbone leaves free.
+
+    Usable cores (the process's affinity mask) minus torch's intra-op threads when torch is
+    loaded (the forward pass that consumes the images runs on those), at least 1. On the
+    project's 2-core machine with torch on both cores this is 1: the decode then shares the
+    cores with the forward pass, as before.
+    """
+    torch = sys.modules.get("torch")
+    busy = torch.get_num_threads() if torch is not None else 0
+    return max(1, usable_cores() - busy)
+
+
 class DecodedImages:
     """A split's images as uint8 ``[N, 3, S, S]``: from the cache, or decoded and then cached.
 
-    On a cache miss a background thread decodes the files in order and stores the array in the
-    cache when done. Pillow releases the GIL while it decodes and resizes, so a consumer (the
-    backbone's forward pass) can work on the first rows (:meth:`wait_for`) while the rest are
-    still being decoded.
+    On a cache miss a background thread hands the files to a pool of ``workers`` decoding
+    threads (default :func:`decode_workers`), each writing its rows in place, and stores the
+    array in the cache when every row is done. Pillow releases the GIL while it decodes and
+    resizes, so the threads run in parallel, and a consumer (the backbone's forward pass) can
+    work on the first rows (:meth:`wait_for`) while the rest are still being decoded. Row ``i``
+    is always ``folder.paths[i]``, and the array is the same whatever the number of workers.
     """
 
-    def __init__(self, folder: ImageFolder, image_size: int, data_md5: str, progress: bool = False):
+    def __init__(
+        self,
+        folder: ImageFolder,
+        image_size: int,
+        data_md5: str,
+        progress: bool = False,
+        workers: int | None = None,
+    ):
+        self.workers = max(1, workers or decode_workers())
         self._path = cache_file("decoded", decoded_key(folder, image_size, data_md5))
         self._ready = threading.Condition()
         self._error: BaseException | None = None
@@ -123,16 +151,23 @@ class DecodedImages:
         )
         self._thread.start()
 
-    def _decode(self, files: list[Path], image_size: int, desc: str | None) -> None:
-        items = files
-        if desc:
-            from tqdm import tqdm
+    def _decode_row(self, index: int, path: Path, image_size: int) -> None:
+        self.array[index] = load_rgb(path, image_size).transpose(2, 0, 1)
 
-            items = tqdm(files, desc=desc, unit="img", mininterval=3)
+    def _decode(self, files: list[Path], image_size: int, desc: str | None) -> None:
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode")
         try:
-            for index, path in enumerate(items):
-                self.array[index] = load_rgb(path, image_size).transpose(2, 0, 1)
-                if (index + 1) % 16 == 0 or index + 1 == len(files):
+            # The pool takes rows in file order; results are collected in file order too, so
+            # ``_done`` counts the leading rows that are complete and the first failing row in
+            # file order is the error reported.
+            size = [image_size] * len(files)
+            done = pool.map(self._decode_row, range(len(files)), files, size)
+            if desc:
+                from tqdm import tqdm
+
+                done = tqdm(done, total=len(files), desc=desc, unit="img", mininterval=3)
+            for index, _ in enumerate(done):
+                if (index + 1) % _NOTIFY_EVERY == 0 or index + 1 == len(files):
                     with self._ready:
                         self._done = index + 1
                         self._ready.notify_all()
@@ -141,6 +176,8 @@ class DecodedImages:
             with self._ready:
                 self._error = exc
                 self._ready.notify_all()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def wait_for(self, rows: int) -> None:
         """Block until the first ``rows`` images are decoded; re-raise a decoding error."""
@@ -160,5 +197,9 @@ class DecodedImages:
 def decoded_images(
     folder: ImageFolder, image_size: int, data_md5: str, progress: bool = False
 ) -> np.ndarray:
-    """Return all images of a split as uint8 ``[N, 3, S, S]``, decoded once and cached."""
+    """Return all images of a split as uint8 ``[N, 3, S, S]``, decoded once and cached.
+
+    Raises :class:`lib.images.ImageReadError` naming the first file (in file order) that cannot
+    be read.
+    """
     return DecodedImages(folder, image_size, data_md5, progress).result()
