@@ -102,16 +102,20 @@ def decoded_key(folder: ImageFolder, image_size: int, data_md5: str) -> dict:
     }
 
 
-def decode_workers() -> int:
+def decode_workers(device: str | None = None) -> int:
     """Return how many threads should decode images: the usable cores the backbone leaves free.
 
-    Usable cores (the process's affinity mask) minus torch's intra-op threads when torch is
-    loaded (the forward pass that consumes the images runs on those), at least 1. On the
-    project's 2-core machine with torch on both cores this is 1: the decode then shares the
-    cores with the forward pass, as before.
+    Usable cores (the process's affinity mask, ``os.sched_getaffinity``) minus the CPU threads
+    of the forward pass that consumes the images, at least 1. That is torch's intra-op thread
+    count when torch is loaded and the model runs on the CPU (``device`` None or ``"cpu"``), and
+    one thread (the one queueing the kernels) for a CUDA device. On the project's 2-core machine
+    with torch on both cores this is 1: the decode shares the cores with the forward pass.
     """
     torch = sys.modules.get("torch")
-    busy = torch.get_num_threads() if torch is not None else 0
+    if device is not None and str(device).startswith("cuda"):
+        busy = 1
+    else:
+        busy = torch.get_num_threads() if torch is not None else 0
     return max(1, usable_cores() - busy)
 
 
@@ -119,7 +123,7 @@ class DecodedImages:
     """A split's images as uint8 ``[N, 3, S, S]``: from the cache, or decoded and then cached.
 
     On a cache miss a background thread hands the files to a pool of ``workers`` decoding
-    threads (default :func:`decode_workers`), each writing its rows in place, and stores the
+    threads (default :func:`decode_workers` for the ``device`` the images are for), each writing its rows in place, and stores the
     array in the cache when every row is done. Pillow releases the GIL while it decodes and
     resizes, so the threads run in parallel, and a consumer (the backbone's forward pass) can
     work on the first rows (:meth:`wait_for`) while the rest are still being decoded. Row ``i``
@@ -133,8 +137,9 @@ class DecodedImages:
         data_md5: str,
         progress: bool = False,
         workers: int | None = None,
+        device: str | None = None,
     ):
-        self.workers = max(1, workers or decode_workers())
+        self.workers = max(1, workers or decode_workers(device))
         self._path = cache_file("decoded", decoded_key(folder, image_size, data_md5))
         self._ready = threading.Condition()
         self._error: BaseException | None = None

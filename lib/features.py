@@ -82,7 +82,12 @@ def cached_features(
     device: torch.device | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, bool]:
-    """Return ``(features [N, F], cache_hit)`` of a frozen backbone over a split, cached on disk."""
+    """Return ``(features [N, F] float32, cache_hit)`` of a frozen backbone over a split, cached.
+
+    On a miss the images are decoded (:class:`~lib.cache.DecodedImages`, on the cores the
+    forward pass on ``device`` leaves free) while the backbone is built and embeds the rows
+    decoded so far. Raises :class:`lib.images.ImageReadError` naming an unreadable file.
+    """
     key = {
         "data": data_md5,
         "root": folder.root.name,
@@ -96,13 +101,14 @@ def cached_features(
     def build() -> np.ndarray:
         # Images not decoded yet are decoded in a background thread while the backbone is built
         # (importing timm) and embeds the rows decoded so far.
-        images = DecodedImages(folder, image_size, data_md5)
+        target = pick_device(str(device) if device else None)
+        images = DecodedImages(folder, image_size, data_md5, device=str(target))
         backbone, _, prep = build_backbone(backbone_name, weights, image_size)
         features = embed_images(
             backbone,
             images.array,
             prep,
-            pick_device(str(device) if device else None),
+            target,
             progress=progress,
             desc=f"{backbone_name} features {folder.root.name}",
             wait_for=images.wait_for,
