@@ -43,4 +43,4 @@ ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 bench: setup
-	$(PY) benchmarks/run_benchmarks.py
+	$(PY) benchmarks/run_benchmarks.py $(BENCH_ARGS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench_config import TARGETS
+from bench_config import ISSUE_TODAY_MS, TARGETS
 
 # --------------------------------------------------------------------------------------------
 # Orchestration and the report
@@ -36,6 +36,11 @@ def _train_ips(steps: dict[str, Any]) -> float | None:
     it is a forward pass, compared with floor_forward; the reference ratio includes it)."""
     step = steps.get("ours_finetune") or {}
     return None if "error" in step else step.get("train_phase_images_per_second")
+
+
+def _field(steps: dict[str, Any], name: str, key: str) -> float | None:
+    step = steps.get(name) or {}
+    return None if "error" in step else step.get(key)
 
 
 def compute_targets(steps: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,6 +94,34 @@ def compute_targets(steps: dict[str, Any]) -> list[dict[str, Any]]:
             TARGETS["grid_peak_rss_bytes"],
             "bytes",
         ),
+        (
+            "12-MP photos: frozen cold / floor_forward",
+            ratio(_seconds(steps, "phone_frozen_cold"), _seconds(steps, "phone_floor_forward")),
+            "<=",
+            TARGETS["phone_frozen_cold_vs_floor"],
+            "x",
+        ),
+        (
+            "12-MP photos: validation per image (1 core)",
+            _field(steps, "phone_validate", "validate_ms_per_image"),
+            "<=",
+            TARGETS["phone_validation_ms"],
+            "ms",
+        ),
+        (
+            "12-MP photos: re-validation of a recorded data version per image",
+            _field(steps, "phone_validate", "rescan_ms_per_image"),
+            "<=",
+            TARGETS["phone_revalidation_ms"],
+            "ms",
+        ),
+        (
+            "12-MP photos: decode to 160 px per image (1 core)",
+            _field(steps, "phone_decode", "decode_ms_per_image"),
+            "<=",
+            TARGETS["phone_decode_ms"],
+            "ms",
+        ),
     ]
     compare = {
         "<=": lambda v, t: v <= t,
@@ -118,7 +151,50 @@ def _target_text(value: float | None, unit: str) -> str:
         return f"{value / 1e9:.2f} GB"
     if unit == "s":
         return f"{value:.2f} s"
+    if unit == "ms":
+        return f"{value:.1f} ms"
     return f"{value:.2f}x"
+
+
+def phone_rows(steps: dict[str, Any]) -> list[str]:
+    """Return the Markdown table of the 12-MP rows next to the issue's "today" figures.
+
+    Empty when no phone step ran. Per image, milliseconds; "today's path, here" is the full
+    decode (what the code did before issue 14) timed in the same run on a few of the photos.
+    """
+    if not any(name.startswith("phone_") for name in steps):
+        return []
+    validate = steps.get("phone_validate") or {}
+    decode = steps.get("phone_decode") or {}
+    floor = steps.get("phone_floor_forward") or {}
+    cold = steps.get("phone_frozen_cold") or {}
+
+    def ms(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    def per_image(step: dict[str, Any]) -> float | None:
+        if "error" in step or not step.get("images") or step.get("seconds") is None:
+            return None
+        images = step.get("photos") or step["images"]
+        return step["seconds"] * 1000 / images
+
+    lines = [
+        "",
+        "| 12-MP photo, per image | issue: today | today's path, here | now | now, all cores |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| validation (ms) | {ISSUE_TODAY_MS['validation']:.0f} | "
+        f"{ms(validate.get('today_path_ms_per_image'))} | "
+        f"{ms(validate.get('validate_ms_per_image'))} | "
+        f"{ms(validate.get('scan_ms_per_image'))} first scan, "
+        f"{ms(validate.get('rescan_ms_per_image'), 2)} re-scan |",
+        f"| decode to 160 px (ms) | {ISSUE_TODAY_MS['decode']:.0f} | "
+        f"{ms(decode.get('today_path_ms_per_image'))} | {ms(decode.get('decode_ms_per_image'))} | "
+        f"{ms(decode.get('pool_ms_per_image'))} ({decode.get('workers', '-')} threads) |",
+        f"| forward pass, floor (ms) | {ISSUE_TODAY_MS['forward']:.0f} | - | "
+        f"{ms(per_image(floor))} | - |",
+        f"| cold frozen strategy, whole CV (ms) | - | - | {ms(per_image(cold))} | - |",
+    ]
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -164,6 +240,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {row['target']} | {_target_text(row['value'], row['unit'])} | "
             f"{row['op']} {threshold} | {row['status']} |"
         )
+    if data.get("phone_photos"):
+        lines += [
+            "",
+            f"12-MP rows: {data['phone_photos']} shipped photos (half per class) cropped to 4:3, "
+            "upscaled to 4032x3024 and saved as JPEG q90 (benchmarks/bench_phone.py).",
+        ]
+    lines += phone_rows(steps)
     grid = steps.get("grid") or {}
     if grid.get("grid_points"):
         lines += [

@@ -122,13 +122,17 @@ def rate(images: float, seconds: float) -> float | None:
 
 def step_floor_forward(cfg: dict[str, Any]) -> dict[str, Any]:
     """Time one frozen-backbone forward pass over in-memory uint8 images (eval, channels_last)."""
+    return floor_forward(cfg, load_train_folder(cfg))
+
+
+def floor_forward(cfg: dict[str, Any], folder: Any) -> dict[str, Any]:
+    """Time the forward pass of the frozen backbone over ``folder``'s images, decoded untimed."""
     import torch
 
     from lib.features import to_model_input
     from lib.models import build_backbone
 
     device = setup_torch(cfg)
-    folder = load_train_folder(cfg)
     images = decode_in_memory(folder, IMAGE_SIZE)
     backbone, _, prep = build_backbone(BACKBONE, "imagenet", IMAGE_SIZE)
     backbone = backbone.eval().to(device).to(memory_format=torch.channels_last)
@@ -258,17 +262,24 @@ def _cache_files(root: Path) -> int:
     return sum(1 for p in root.rglob("*.npy")) if root.is_dir() else 0
 
 
-def _ours_frozen(cfg: dict[str, Any], expect_warm: bool) -> dict[str, Any]:
+def ours_frozen(
+    cfg: dict[str, Any], expect_warm: bool, folder: Any = None, data_md5: str | None = None
+) -> dict[str, Any]:
+    """Time lib.training.cross_validate of the frozen strategy on ``folder`` (default: train)."""
     os.environ["IMGCLS_CACHE_DIR"] = cfg["cache_dir"]  # lib.paths.cache_dir() reads it per call
     import_seconds = import_libraries()
     from lib.training import cross_validate
 
     device = setup_torch(cfg)
-    folder = load_train_folder(cfg)
+    folder = folder if folder is not None else load_train_folder(cfg)
     cached_before = _cache_files(Path(cfg["cache_dir"]))
     start = time.perf_counter()
     result = cross_validate(
-        _strategy(cfg, frozen=True), folder, cfg["data_md5"], device=str(device), progress=False
+        _strategy(cfg, frozen=True),
+        folder,
+        data_md5 or cfg["data_md5"],
+        device=str(device),
+        progress=False,
     )
     sync(device)
     seconds = time.perf_counter() - start
@@ -297,12 +308,12 @@ def _ours_frozen(cfg: dict[str, Any], expect_warm: bool) -> dict[str, Any]:
 
 def step_ours_frozen_cold(cfg: dict[str, Any]) -> dict[str, Any]:
     """Time lib.training.cross_validate of the frozen strategy with empty caches."""
-    return _ours_frozen(cfg, expect_warm=False)
+    return ours_frozen(cfg, expect_warm=False)
 
 
 def step_ours_frozen_warm(cfg: dict[str, Any]) -> dict[str, Any]:
     """Time the same cross_validate call again, with the caches the cold run filled."""
-    return _ours_frozen(cfg, expect_warm=True)
+    return ours_frozen(cfg, expect_warm=True)
 
 
 def step_ours_finetune(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -364,8 +375,10 @@ STEP_FUNCTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 def run_step(name: str, config: Path, out: Path) -> int:
     """Run one step in this process and write its result (with peak RSS) as JSON to ``out``."""
+    from bench_phone import PHONE_STEP_FUNCTIONS
+
     cfg = json.loads(config.read_text())
-    result = STEP_FUNCTIONS[name](cfg)
+    result = {**STEP_FUNCTIONS, **PHONE_STEP_FUNCTIONS}[name](cfg)
     import torch
 
     from lib.features import pick_device

@@ -4,7 +4,8 @@
 Each step runs in its own subprocess (this script re-invoked with ``--step NAME``) so that its
 peak RSS is its own. The table is printed and written to ``benchmarks/results/latest.{json,md}``.
 
-Example: ``python benchmarks/run_benchmarks.py`` (full) or ``--quick --no-grid`` (smoke test).
+Example: ``python benchmarks/run_benchmarks.py`` (full) or ``--quick --no-grid`` (smoke test);
+``--phone-only`` runs only the 12-megapixel photo rows (``make bench BENCH_ARGS=--phone-only``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench_config import (
     FULL_FOLDS,
     FULL_TRAIN_STEPS,
     IMAGE_SIZE,
+    PHONE_STEPS,
     QUICK_FOLDS,
     QUICK_PER_CLASS,
     QUICK_TRAIN_STEPS,
@@ -34,6 +36,7 @@ from bench_config import (
     RESULTS_DIR,
     STEPS,
 )
+from bench_phone import PHONE_PER_CLASS, QUICK_PHONE_PER_CLASS, build_phone_set
 from bench_report import compute_targets, fmt_mb, fmt_number, render_markdown
 from bench_steps import default_threads, run_step, subset_indices
 
@@ -67,6 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="STEP",
         help=f"run only this step (repeatable; dependencies are added): {', '.join(STEPS)}",
     )
+    parser.add_argument(
+        "--phone",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"run the 12-MP photo steps ({', '.join(PHONE_STEPS)}) on {PHONE_PER_CLASS} shipped "
+        f"photos per class upscaled to 4032x3024, built once (quick: {QUICK_PHONE_PER_CLASS})",
+    )
+    parser.add_argument(
+        "--phone-only", action="store_true", help="run only the 12-MP photo steps (no grid)"
+    )
     parser.add_argument("--per-class", type=int, help="images per class (default: all; quick: 64)")
     parser.add_argument(
         "--grid-file", type=Path, help="grid YAML for the grid step (default: strategies.yaml)"
@@ -85,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--threads must be >= 1")
     if args.grid is None:
         args.grid = not args.quick
+    if args.phone_only:
+        args.only = [*(args.only or []), *PHONE_STEPS]
     return args
 
 
@@ -93,6 +108,8 @@ def selected_steps(args: argparse.Namespace) -> list[str]:
     wanted = set(args.only or STEPS)
     if args.only is None and not args.grid:
         wanted.discard("grid")
+    if args.only is None and not args.phone:
+        wanted.difference_update(PHONE_STEPS)
     for name in list(wanted):
         wanted.update(DEPENDS.get(name, ()))
     return [s for s in STEPS if s in wanted]
@@ -141,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         "grid_file": str(args.grid_file.resolve()) if args.grid_file else None,
         "timestamp": time.strftime("%Y%m%d-%H%M%S"),
     }
+    if any(step in PHONE_STEPS for step in steps):
+        phone_dir = build_phone_set()
+        cfg["phone_dir"] = str(phone_dir)
+        cfg["phone_md5"] = data_version(phone_dir.parent)
+        cfg["phone_per_class"] = QUICK_PHONE_PER_CLASS if args.quick else None
+        per_class_phone = cfg["phone_per_class"] or PHONE_PER_CLASS
+        cfg["phone_photos"] = sum(
+            min(per_class_phone, sum(1 for _ in d.iterdir())) for d in phone_dir.iterdir()
+        )
     config = tmp / "config.json"
     config.write_text(json.dumps(cfg, indent=2))
     print(f"benchmark ({'quick' if args.quick else 'full'}): {', '.join(steps)}; tmp {tmp}")
@@ -182,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "folds": cfg["folds"],
             "image_size": IMAGE_SIZE,
             "data_md5": cfg["data_md5"],
+            "phone_photos": cfg.get("phone_photos"),
         },
         "steps_run": steps,
         "steps": results,
