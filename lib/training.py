@@ -51,13 +51,24 @@ def make_optimizer(strategy: Strategy, parameters: list[nn.Parameter]) -> torch.
 
 
 def augment_batch(batch: torch.Tensor, generator: torch.Generator, pad: int = 8) -> torch.Tensor:
-    """Random horizontal flip and random shifted crop (reflect padding) of a float image batch."""
-    size = batch.shape[-1]
-    flip = torch.rand(batch.shape[0], generator=generator) < 0.5
+    """Randomly flip and shift each image of a float batch ``[B, C, S, S]``; same shape out.
+
+    Per image: a horizontal flip with probability 0.5, then a crop of ``S x S`` at a random offset
+    (0..2*pad pixels in each direction) from the image reflect-padded by ``pad`` pixels (the
+    "random crop with padding" of the CIFAR ResNet recipe, He et al. 2016). Every image draws its
+    own flip and offset from ``generator``.
+    """
+    count, size = batch.shape[0], batch.shape[-1]
+    flip = torch.rand(count, generator=generator) < 0.5
     batch = torch.where(flip.view(-1, 1, 1, 1).to(batch.device), batch.flip(-1), batch)
     padded = nn.functional.pad(batch, (pad, pad, pad, pad), mode="reflect")
-    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    return padded[..., dy : dy + size, dx : dx + size].contiguous(memory_format=torch.channels_last)
+    offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).to(batch.device)
+    span = torch.arange(size, device=batch.device)
+    rows = (offsets[:, 0, None] + span)[:, :, None]  # [B, S, 1]
+    cols = (offsets[:, 1, None] + span)[:, None, :]  # [B, 1, S]
+    images = torch.arange(count, device=batch.device)[:, None, None]
+    cropped = padded.permute(0, 2, 3, 1)[images, rows, cols]  # [B, S, S, C]
+    return cropped.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
 @dataclass

@@ -154,3 +154,19 @@ def test_every_shipped_strategy_trains_in_tiny_mode(image_dataset, isolated_cach
         result = cross_validate(tiny, folder, md5, progress=False)
         assert len(result.folds) == 2, strategy.run_name
         assert 0.0 <= result.summary()["cv_accuracy_mean"] <= 1.0
+
+
+def test_augmentation_draws_a_crop_offset_per_image():
+    from lib.training import augment_batch
+
+    # identical images: any difference between outputs comes from per-image flips and offsets
+    ramp = torch.arange(16, dtype=torch.float32).repeat(16, 1)
+    image = (ramp + 16 * ramp.T).expand(3, 16, 16)
+    batch = image.expand(32, 3, 16, 16).clone()
+    out = augment_batch(batch, torch.Generator().manual_seed(0), pad=4)
+    assert out.shape == batch.shape
+    unflipped = [o for o in out if o[0, 0, 1] > o[0, 0, 0]]  # ramp still increases left->right
+    shifts = {(float(o[0, 0, 0]) // 16, float(o[0, 0, 0]) % 16) for o in unflipped}
+    assert len(shifts) > 3, shifts  # one offset shared by the batch would give a single value
+    centre = augment_batch(batch, torch.Generator().manual_seed(0), pad=0)
+    assert all(torch.equal(c, image) or torch.equal(c, image.flip(-1)) for c in centre)
