@@ -7,20 +7,36 @@ Example: ``python run_experiments.py --grid strategies.yaml`` (see ``--help``).
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from lib.config import ConfigError
 from lib.data import DataError
+from lib.names import InvalidNameError
 from lib.notebooks import NotebookParameterError
 from lib.runner import RunnerOptions, run_grid
 from lib.tracking import DEFAULT_EXPERIMENT, TrackingError
 
+EXIT_INVALID_INPUT = 2
+EXIT_INTERRUPTED = 130
+# torch device strings this pipeline can use (checked here: the runner never imports torch)
+DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``error: ...``, with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``error: <message> (see --help)`` to stderr and exit 2."""
+        self.exit(EXIT_INVALID_INPUT, f"error: {message} (see --help)\n")
+
 
 def parse_args(argv: list[str] | None = None) -> RunnerOptions:
-    """Parse the command line into RunnerOptions."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Parse the command line into RunnerOptions; a bad option exits 2 with one ``error:`` line."""
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--grid",
         type=Path,
@@ -79,7 +95,11 @@ def parse_args(argv: list[str] | None = None) -> RunnerOptions:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.workers < 1:
-        parser.error("--workers must be >= 1")
+        parser.error(f"--workers {args.workers}: must be >= 1")
+    if args.device is not None and not DEVICE.match(args.device):
+        parser.error(f"--device {args.device!r}: expected cpu, cuda, cuda:N, mps, xpu or xpu:N")
+    if args.scheduler and args.executor != "dask":
+        parser.error(f"--scheduler {args.scheduler}: needs --executor dask")
     return RunnerOptions(
         grid=args.grid,
         only=args.only,
@@ -106,7 +126,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the grid; return the process exit code (2 for invalid input)."""
+    """Run the grid; return the process exit code (README: 0 ok, 1 a notebook failed, 2 invalid
+    input, 3 gate failed, 130 interrupted).
+
+    Invalid input (options, names, grid file, data, tracking store) ends in one line
+    ``error: ...`` on stderr naming the file, folder or option, and exit code 2; any other
+    exception is a bug and keeps its traceback.
+    """
     options = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -114,12 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     except (
         ConfigError,
         DataError,
+        InvalidNameError,
         TrackingError,
         NotebookParameterError,
         FileNotFoundError,
     ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        message = re.sub(r"\s*\n\s*", " ", str(exc).strip())  # one line, whatever it holds
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while validating: nothing was started
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from lib import metrics, tracking
+from lib import metrics, names, tracking
 
 CHAMPION_ALIAS = "champion"
 
@@ -207,8 +207,15 @@ class GridComparison:
         )
 
     def register_champion(self, model_name: str | None = None) -> dict[str, Any]:
-        """Register the champion's model, point the ``champion`` alias at it; return the details."""
-        name = model_name or f"{self.experiment_name}-classifier"
+        """Register the champion's model, point the ``champion`` alias at it; return the details.
+
+        The name is :func:`lib.names.registered_model_name`: ``model_name`` if MLflow's registry
+        accepts it, else (None) ``<experiment>-classifier`` with the characters the registry
+        refuses mapped to ``-``. Raises lib.names.InvalidNameError (a ValueError) for a
+        ``model_name`` the registry would refuse, before anything is registered, and
+        tracking.TrackingError when the champion's run has no logged model.
+        """
+        name = names.registered_model_name(self.experiment_name, model_name)
         point = self.champion()
         run = self.runs.loc[point]
         model_uri = run.get("tags.model_uri")

@@ -7,7 +7,6 @@ each extra evaluation folder, the quality gate as tags and metrics.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from lib import metrics, tracking
+from lib import metrics, names, tracking
 from lib.cache import decoded_images
 from lib.checkpoint import (
     head_from_checkpoint,
@@ -117,8 +116,12 @@ def predict_folder(
 
 
 def metric_prefix(name: str) -> str:
-    """Return an MLflow-safe metric prefix for an evaluation set name."""
-    return re.sub(r"[^0-9A-Za-z_]", "_", name).strip("_") or "eval"
+    """Return the MLflow metric prefix of an evaluation-set name (``test``, or a folder path).
+
+    The rule is :func:`lib.names.metric_key` (``data/phone photos`` -> ``data_phone_photos``);
+    raises lib.names.InvalidNameError for a name that gives no prefix.
+    """
+    return names.metric_key(name)
 
 
 @dataclass

@@ -20,6 +20,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from lib.names import PER_CLASS_METRICS, class_metric_keys
+
 PROBABILITY_FLOOR = 1e-15
 TIE_TOLERANCE = 1e-9
 ZERO_TOLERANCE = 1e-12
@@ -112,11 +114,15 @@ def classification_metrics(
     """Take labels [N], probabilities [N, C] and class names; return a flat dict of metrics.
 
     Keys: accuracy, balanced_accuracy, log_loss, roc_auc, pr_auc, accuracy_ci_low,
-    accuracy_ci_high, n_images, precision_/recall_/f1_<class> and macro_f1.
+    accuracy_ci_high, n_images, precision_/recall_/f1_<class key> and macro_f1. The class key is
+    the MLflow-safe form of the class name (:func:`lib.names.metric_key`: ``sea (coast)`` ->
+    ``sea_coast``); tables and plots keep the class names. Raises ValueError for inputs of the
+    wrong shape and lib.names.InvalidNameError for class names that give no key or the same key.
     """
     y, p = _as_inputs(y_true, probabilities)
     if p.shape[1] != len(classes):
         raise ValueError(f"{p.shape[1]} probability columns but {len(classes)} classes")
+    keys = class_metric_keys(classes, "class names")
     n = int(y.size)
     predictions = p.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
     correct = int((predictions == y).sum())
@@ -146,9 +152,8 @@ def classification_metrics(
 
     precision, recall, f1, _ = _precision_recall_f1(y, predictions, len(classes))
     for index, name in enumerate(classes):
-        out[f"precision_{name}"] = float(precision[index])
-        out[f"recall_{name}"] = float(recall[index])
-        out[f"f1_{name}"] = float(f1[index])
+        for metric, values in zip(PER_CLASS_METRICS, (precision, recall, f1), strict=True):
+            out[f"{metric}_{keys[name]}"] = float(values[index])
     out["macro_f1"] = float(np.mean(f1)) if len(classes) else math.nan
     return out
 

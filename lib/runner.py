@@ -18,8 +18,16 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from lib import paths, tracking
-from lib.config import Grid, Strategy, check_against_data, load_grid, run_key, stable_hash
+from lib import names, paths, tracking
+from lib.config import (
+    ConfigError,
+    Grid,
+    Strategy,
+    check_against_data,
+    load_grid,
+    run_key,
+    stable_hash,
+)
 from lib.data import check_same_classes, data_version, require_split, scan_image_folder
 from lib.gridpoint import execute_grid_point, init_worker, log, publish_notebook
 from lib.notebooks import check_parameters, execute, failed_cell
@@ -69,14 +77,44 @@ class Plan:
     tracking_uri: str
     experiment_id: str
     points: list[GridPoint]
+    model_name: str | None = None  # the registered model name; None with --no-register
+
+
+def _load_grid(path: Path, only: list[str] | None = None) -> Grid:
+    try:
+        return load_grid(path, only)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})"
+        ) from exc
+
+
+def _model_name(options: RunnerOptions) -> str | None:
+    """Return the name the champion will be registered under (None with --no-register).
+
+    A ``--model-name`` is checked even with ``--no-register``: it was typed, so it is meant.
+    """
+    if not options.register and options.model_name is None:
+        return None
+    name = names.registered_model_name(options.experiment, options.model_name)
+    return name if options.register else None
 
 
 def build_plan(options: RunnerOptions) -> Plan:
-    """Validate grid, data and tracking target before anything runs; decide run or skip per point."""
-    full_grid = load_grid(options.grid)
-    grid = load_grid(options.grid, options.only) if options.only else full_grid
+    """Validate grid, data and tracking target before anything runs; decide run or skip per point.
+
+    Every name that reaches MLflow is checked here (lib/names.py): the experiment name, the
+    registered model name (default or ``--model-name``), the class folder names and the
+    ``--eval-dir`` names (metric keys). Raises ConfigError, DataError, InvalidNameError or
+    TrackingError, whose messages name the file, folder or option.
+    """
+    names.check_experiment_name(options.experiment)
+    model_name = _model_name(options)
+    full_grid = _load_grid(options.grid)
+    grid = _load_grid(options.grid, options.only) if options.only else full_grid
     root = Path(options.data_dir) if options.data_dir else None
     train = scan_image_folder(require_split("train", root), skip_bad=options.skip_bad_images)
+    names.check_metric_names(train.classes, str(train.root), options.extra_eval_dirs)
     test = scan_image_folder(require_split("test", root), skip_bad=options.skip_bad_images)
     check_same_classes(train, test)
     for extra in options.extra_eval_dirs:
@@ -101,7 +139,7 @@ def build_plan(options: RunnerOptions) -> Plan:
         key = run_key(strategy, md5, code)
         existing = None if options.force else tracking.find_completed_run(experiment_id, key)
         points.append(GridPoint(strategy, key, "skip" if existing else "run", existing))
-    return Plan(grid, grid_id, md5, code, uri, experiment_id, points)
+    return Plan(grid, grid_id, md5, code, uri, experiment_id, points, model_name)
 
 
 def print_plan(plan: Plan) -> None:
@@ -115,6 +153,10 @@ def print_plan(plan: Plan) -> None:
         what = "run" if point.action == "run" else f"skip (finished run {point.existing_run_id})"
         deltas = point.strategy.extra.get("grid_values") or {}
         log(f"  {i:2d}. {point.strategy.run_name:<40} key {point.key}  {what} {deltas or ''}")
+    if plan.model_name:
+        log(f"champion will be registered as models:/{plan.model_name}@champion")
+    else:
+        log("champion will not be registered (--no-register)")
     log(f"plan: {todo} to run, {len(plan.points) - todo} already finished")
 
 
@@ -261,7 +303,7 @@ def _execute_plan(plan: Plan, options: RunnerOptions, start: float) -> int:
             "grid_id": plan.grid_id,
             "experiment_name": options.experiment,
             "tracking_uri": plan.tracking_uri,
-            "model_name": options.model_name,
+            "model_name": plan.model_name,
             "register": options.register,
         },
         reports / "comparison",

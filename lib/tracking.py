@@ -66,19 +66,49 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         ) from exc
 
 
-def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
-    """Return the id of experiment ``name``, creating it (local artifact folder for SQLite)."""
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
-        location = paths.default_artifact_root().as_uri()
+def _store_error(exc: BaseException) -> bool:
+    """Return True for errors that mean the store cannot be used (bad URI, unopenable file)."""
+    if isinstance(exc, (mlflow.exceptions.MlflowException, OSError)):
+        return True
     try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another worker
-        return client.get_experiment_by_name(name).experiment_id
+        from sqlalchemy.exc import OperationalError
+    except ImportError:  # pragma: no cover - MLflow depends on SQLAlchemy
+        return False
+    return isinstance(exc, OperationalError)
+
+
+def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
+    """Return the id of experiment ``name``, creating it (local artifact folder for SQLite).
+
+    Raises TrackingError, naming the tracking URI, when the store cannot be opened (unknown URI
+    scheme, a SQLite file or folder that cannot be created, an MLflow server error) or when the
+    experiment exists but is deleted.
+    """
+    uri = mlflow.get_tracking_uri()
+    try:
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            location = None
+            if uri.startswith("sqlite:"):
+                location = paths.default_artifact_root().as_uri()
+            try:
+                return client.create_experiment(name, artifact_location=location)
+            except mlflow.exceptions.MlflowException:
+                experiment = client.get_experiment_by_name(name)  # created by another worker?
+                if experiment is None:
+                    raise
+    except Exception as exc:
+        if not _store_error(exc):
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        raise TrackingError(f"{uri}: cannot use this MLflow store ({reason})") from exc
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"{uri}: experiment {name!r} is deleted; restore it (`mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}`) or pass another --experiment"
+        )
+    return experiment.experiment_id
 
 
 def git_info() -> dict[str, str]:

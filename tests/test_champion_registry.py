@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import mlflow
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from lib import tracking
 from lib.comparison import GridComparison
+from lib.names import InvalidNameError
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
@@ -17,7 +19,9 @@ class _Constant(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"predicted_class": ["sea"] * len(model_input)})
 
 
-def _grid(grid_id: str, experiment_id: str, accuracy: float) -> GridComparison:
+def _grid(
+    grid_id: str, experiment_id: str, accuracy: float, experiment_name: str = "registry"
+) -> GridComparison:
     """Log one finished grid-point run with a model and CV scores; load it as a grid."""
     tags = {
         tracking.TAG_KIND: "grid_point",
@@ -29,7 +33,7 @@ def _grid(grid_id: str, experiment_id: str, accuracy: float) -> GridComparison:
         info = mlflow.pyfunc.log_model(name="model", python_model=_Constant())
         mlflow.log_metrics({"cv_accuracy_mean": accuracy, "cv_loss_mean": 0.1})
         mlflow.set_tag("model_uri", info.model_uri)
-    grid = GridComparison.load("registry", grid_id)
+    grid = GridComparison.load(experiment_name, grid_id)
     assert grid.runs["run_id"].tolist() == [run.info.run_id]
     return grid
 
@@ -47,3 +51,20 @@ def test_a_new_champion_takes_the_alias_and_the_old_run_loses_its_tag(tmp_path):
     assert int(alias.version) == second["version"]
     assert client.get_run(second["run_id"]).data.tags["champion"] == "true"
     assert client.get_run(first["run_id"]).data.tags["champion"] == "false"
+
+
+def test_champion_of_an_experiment_with_a_slash_is_registered_under_the_mapped_name(tmp_path):
+    """Issue 10: `--experiment vision-team/sea-forest` trained the grid, then failed to register."""
+    tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    name = "vision-team/sea-forest"
+    experiment = client.create_experiment(name, artifact_location=(tmp_path / "a").as_uri())
+    grid = _grid("g1", experiment, 0.9, experiment_name=name)
+    with pytest.raises(InvalidNameError, match="use --model-name team-model"):
+        grid.register_champion("team/model")
+    assert client.search_registered_models() == []  # refused before anything was registered
+    registered = grid.register_champion()
+    assert registered["name"] == "vision-team-sea-forest-classifier"
+    assert registered["uri"] == "models:/vision-team-sea-forest-classifier@champion"
+    alias = client.get_model_version_by_alias("vision-team-sea-forest-classifier", "champion")
+    assert alias.run_id == registered["run_id"]

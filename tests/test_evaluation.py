@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lib import tracking
+from lib import names, tracking
 from lib.checkpoint import load_checkpoint, save_checkpoint
 from lib.data import DataError
 from lib.evaluation import EvaluationSession, metric_prefix, predict_folder
@@ -85,3 +85,26 @@ def test_head_only_fold_models_score_on_cached_features_like_the_full_model(sess
         assert not np.allclose(found, 0.5, atol=0.01)  # the scores depend on the trained head
     table = session.fold_models_on(result)
     assert list(table.index) == ["fold0", "fold1", "refit (all training data)"]
+
+
+def test_class_names_mlflow_refuses_are_logged_mapped_and_shown_as_named(tmp_path, isolated_cache):
+    """Issue 10: a class folder `sea (coast)` made notebook 03 fail when logging its metrics."""
+    tracking.configure(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient()
+    experiment = client.create_experiment("eval", artifact_location=(tmp_path / "a").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    classes = ["forêt & bois", "sea (coast)"]
+    model, prep = build_classifier("resnet18", "none", 32, 2, 0.0, seed=0)
+    session = EvaluationSession(run_id, model, classes, prep, {}, tmp_path)
+    folder = write_dataset(tmp_path / "photos", {name: 2 for name in classes})
+    result = session.evaluate(session.load_folder(folder), name="test")
+    logged = client.get_run(run_id).data.metrics
+    for key in ("foret_bois", "sea_coast"):
+        for metric in names.PER_CLASS_METRICS:
+            assert f"test_{metric}_{key}" in logged
+            assert logged[f"test_{metric}_{key}"] == pytest.approx(result.scores[f"{metric}_{key}"])
+    fixed = [k for k in logged if not k.endswith(("foret_bois", "sea_coast"))]
+    assert max(len(k) - len("test_") for k in fixed) <= names.LONGEST_FIXED_METRIC
+    assert list(result.per_class().index) == classes  # the names people read
+    assert list(result.confusion().index) == [f"true: {name}" for name in classes]
+    assert metric_prefix("data/été.v2") == "data_ete.v2"  # one rule for every metric key
