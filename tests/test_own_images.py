@@ -49,7 +49,7 @@ def colour_photo(hue: float, rng: np.random.Generator, size: int = 40) -> Image.
 
 def write_six_classes(root, counts: dict[str, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
-    for (name, count), hue in zip(counts.items(), HUES, strict=True):
+    for (name, count), hue in zip(counts.items(), HUES, strict=False):
         (root / name).mkdir(parents=True)
         for i in range(count):
             colour_photo(hue, rng).save(root / name / f"photo {i:02d}.jpg", quality=90)
@@ -190,3 +190,45 @@ def test_six_class_folder_runs_end_to_end_with_the_unchanged_runner(tmp_path):
     text = evaluated.read_text()
     for name in CLASSES:
         assert json.dumps(name)[1:-1] in text or name in text, name
+
+
+def _dry_run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMGCLS_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, str(paths.REPO_ROOT / "run_experiments.py"), *args, "--dry-run"]
+    return subprocess.run(
+        command, cwd=paths.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_user_folder_litter_and_a_bomb_through_the_runner(tmp_path):
+    """The runner's own validation: litter ignored, a bomb named and skippable, no traceback."""
+    from tests.test_data import _jupyter_and_os_litter
+    from tests.test_images import one_bit_png
+
+    data = tmp_path / "photos"
+    write_six_classes(data / "train", dict.fromkeys(list(CLASSES)[:2], 4), seed=3)
+    write_six_classes(data / "test", dict.fromkeys(list(CLASSES)[:2], 2), seed=4)
+    sea = data / "train" / "sea (coast)"
+    _jupyter_and_os_litter(sea, sorted(sea.glob("*.jpg"))[0])
+    one_bit_png(sea / "scan.png", 13400)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.replace("folds: 2", "folds: 2\n  epochs: 1").replace("  epochs: 2\n", ""))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--grid", str(grid), "--data-dir", str(data), "--tracking-uri", uri]
+    refused = _dry_run(args, tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "scan.png: 179,560,000 pixels exceeds Pillow's decompression-bomb limit" in (
+        refused.stderr
+    )
+    assert "Traceback" not in refused.stderr and "checkpoint" not in refused.stderr
+    skipped = _dry_run([*args, "--skip-bad-images"], tmp_path)
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    assert "dry run: nothing executed" in skipped.stdout
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(GRID + "  tiny probe:\n    epochs: 3\n")
+    duplicate = _dry_run(["--grid", str(twice), *args[2:]], tmp_path)
+    assert duplicate.returncode == 2
+    assert f"{twice}:12: duplicate key 'tiny probe' (first defined at line 11)" in (
+        duplicate.stderr
+    ), duplicate.stderr
