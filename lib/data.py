@@ -101,8 +101,11 @@ RACY_MTIME_SECONDS = 2.0
 FileStamp = tuple[int, int]  # (size in bytes, modification time in ns), symbolic links followed
 
 
-def _file_stamp(path: Path) -> FileStamp:
-    info = path.stat()
+def _file_stamp(path: Path) -> FileStamp | None:
+    try:
+        info = path.stat()
+    except OSError:  # gone since it was listed: validation reports it
+        return None
     return info.st_size, info.st_mtime_ns
 
 
@@ -297,7 +300,11 @@ def _validate_new_files(folder: Path, candidates: list[Path]) -> dict[Path, BadI
     not_before = time.time_ns() - int(RACY_MTIME_SECONDS * 1e9)
     stamps = {path: _file_stamp(path) for path in candidates}
     relpaths = {path: path.relative_to(folder).as_posix() for path in candidates}
-    todo = [path for path in candidates if known.get(relpaths[path]) != stamps[path]]
+    todo = [
+        path
+        for path in candidates
+        if stamps[path] is None or known.get(relpaths[path]) != stamps[path]
+    ]
     bad = {}
     for path, problem in zip(todo, _validate_all(todo), strict=True):
         if problem:
@@ -306,7 +313,7 @@ def _validate_new_files(folder: Path, candidates: list[Path]) -> dict[Path, BadI
     good = {
         relpaths[path]: stamps[path]
         for path in candidates
-        if path not in bad and stamps[path][1] < not_before
+        if path not in bad and (stamp := stamps[path]) is not None and stamp[1] < not_before
     }
     if good != known:
         save_validated(folder, good)
