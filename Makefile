@@ -8,7 +8,7 @@ GRID ?= strategies.yaml
 PYTEST_FAST := $(PY) -m pytest -m "not slow" --nbval-lax tests notebooks
 PYTEST_SLOW := $(PY) -m pytest -m slow tests
 
-.PHONY: setup data run test test-slow lint lab ui bench clean-generated
+.PHONY: setup data run test test-slow lint lab ui bench
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

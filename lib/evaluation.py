@@ -7,7 +7,9 @@ each extra evaluation folder, the quality gate as tags and metrics.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +147,11 @@ class EvaluationSession:
         torch_threads: int = 0,
         device: str | None = None,
     ) -> EvaluationSession:
-        """Find the run (given id, or the latest finished training run) and load its refit model."""
+        """Find the run (given id, or the latest finished training run) and load its refit model.
+
+        The run's checkpoints are downloaded to a temporary folder that is deleted when the
+        session is garbage-collected (or the process exits).
+        """
         set_threads(torch_threads)
         tracking.configure(tracking_uri)
         run_id = parent_run_id or tracking.latest_run(
@@ -155,7 +161,9 @@ class EvaluationSession:
         target = Path(tempfile.mkdtemp(prefix="eval-"))
         checkpoint_dir = tracking.download_artifact(run_id, "checkpoints", target)
         model, classes, prep, _ = load_checkpoint(checkpoint_dir / "refit.pt")
-        return cls(run_id, model, classes, prep, dict(run.data.params), checkpoint_dir, device)
+        session = cls(run_id, model, classes, prep, dict(run.data.params), checkpoint_dir, device)
+        weakref.finalize(session, shutil.rmtree, target, True)
+        return session
 
     def load_folder(self, folder: str | Path, skip_bad_images: bool = False) -> ImageFolder:
         """Scan a labelled folder and check its classes equal the model's classes."""

@@ -34,11 +34,6 @@ def reports_dir() -> Path:
     return _env_path("IMGCLS_REPORTS_DIR", REPO_ROOT / "reports")
 
 
-def runs_dir() -> Path:
-    """Return the folder for executed notebooks (``runs/`` or ``$IMGCLS_RUNS_DIR``)."""
-    return _env_path("IMGCLS_RUNS_DIR", REPO_ROOT / "runs")
-
-
 def notebooks_dir() -> Path:
     """Return the folder holding the four pipeline notebooks."""
     return REPO_ROOT / "notebooks"

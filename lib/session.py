@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
@@ -268,8 +267,3 @@ class TrainingSession:
         uri = mlflow.get_tracking_uri()
         print(f"MLflow run {self.run_id} ({self.strategy.run_name}) at {uri}")
         return self.run_id
-
-
-def fold_scores(result: CVResult) -> np.ndarray:
-    """Return the validation accuracy of each fold, in fold order."""
-    return np.array([f.val_accuracy for f in result.folds])

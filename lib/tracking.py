@@ -28,8 +28,9 @@ TAG_COMPLETE = "pipeline_complete"
 TAG_RUNNER = "runner"  # host:pid of the process that owns a RUNNING run
 TAG_KIND = "run_kind"  # grid_point | fold | data | comparison
 
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# A tracking server that does not answer should fail a run in seconds, not after MLflow's
+# default of 7 retries with 120 s timeouts. Applied by configure(), unless the user set them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 class TrackingError(RuntimeError):
@@ -39,6 +40,8 @@ class TrackingError(RuntimeError):
 def configure(tracking_uri: str | None = None) -> str:
     """Point MLflow at ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI`` or the repo's SQLite file)."""
     uri = tracking_uri or paths.default_tracking_uri()
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(uri)
     return uri
 

@@ -108,3 +108,24 @@ def test_class_names_mlflow_refuses_are_logged_mapped_and_shown_as_named(tmp_pat
     assert list(result.per_class().index) == classes  # the names people read
     assert list(result.confusion().index) == [f"true: {name}" for name in classes]
     assert metric_prefix("data/été.v2") == "data_ete.v2"  # one rule for every metric key
+
+
+def test_downloaded_checkpoints_are_removed_with_the_session(tmp_path, isolated_cache):
+    import gc
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracking.configure(uri)
+    client = MlflowClient()
+    experiment = client.create_experiment("cleanup", artifact_location=(tmp_path / "a").as_uri())
+    run = client.create_run(experiment)
+    model, prep = build_classifier("resnet18", "none", 32, 2, 0.0, seed=0)
+    checkpoint = save_checkpoint(
+        tmp_path / "ckpt" / "refit.pt", model, ["forest", "sea"], prep, "resnet18"
+    )
+    client.log_artifact(run.info.run_id, str(checkpoint), "checkpoints")
+    session = EvaluationSession.start(run.info.run_id, tracking_uri=uri)
+    downloaded = session.checkpoint_dir
+    assert (downloaded / "refit.pt").is_file()
+    del session
+    gc.collect()
+    assert not downloaded.exists()

@@ -169,7 +169,9 @@ def test_reports_index_links_every_report(grid_run):
     ):
         assert f'href="{target}"' in index and (reports / target).is_file()
     html = (reports / "frozen" / "03_evaluate.html").read_text()
-    assert "Quality gate" in html and "def " not in html  # code cells are hidden
+    source = (paths.notebooks_dir() / "03_evaluate.ipynb").read_text()
+    assert "EvaluationSession.start(" in source  # a line of 03's code ...
+    assert "Quality gate" in html and "EvaluationSession.start(" not in html  # ... hidden
 
 
 def test_champion_alias_and_pyfunc_in_a_new_process(grid_run):

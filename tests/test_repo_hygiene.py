@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
@@ -92,3 +93,24 @@ def test_no_images_or_large_files_tracked():
             path
         )
         assert path.stat().st_size < 1_000_000, path
+
+
+def test_importing_the_package_changes_no_environment_variable():
+    import sys
+
+    modules = sorted(p.stem for p in (paths.REPO_ROOT / "lib").glob("*.py") if p.stem != "__init__")
+    script = (
+        "import importlib, json, os\n"
+        "import matplotlib, mlflow, pandas, papermill, sklearn, timm, torch, torchvision\n"
+        "before = dict(os.environ)  # after the libraries: only our own changes count\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module('lib.' + name)\n"
+        "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+        "print(json.dumps(sorted(changed)))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=clean, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
