@@ -480,7 +480,7 @@ def test_local_dask_cluster_binds_loopback_only(monkeypatch):
         def __init__(self, cluster, **kwargs):
             self.scheduler = type("S", (), {"address": "tcp://127.0.0.1:1"})()
 
-        def scheduler_info(self):
+        def scheduler_info(self, **kwargs):
             return {"workers": {}}
 
         def close(self):
