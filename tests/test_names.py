@@ -35,17 +35,29 @@ CLASS_KEYS = {
 }
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SQLite store for the module: creating its schema costs ~6 s, so it is made once."""
+    return tmp_path_factory.mktemp("names-store")
+
+
 @pytest.fixture()
-def client(tmp_path: Path) -> MlflowClient:
-    """A client on a fresh SQLite store in tmp_path (artifacts there too)."""
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def client(store: Path) -> MlflowClient:
+    """A client on the module's SQLite store (every test uses its own run or model names)."""
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
     return MlflowClient()
 
 
 @pytest.fixture()
-def run_id(client: MlflowClient, tmp_path: Path) -> str:
-    experiment = client.create_experiment("names", artifact_location=(tmp_path / "a").as_uri())
-    return client.create_run(experiment).info.run_id
+def run_id(client: MlflowClient, store: Path) -> str:
+    """A new run of its own for each test."""
+    experiment = client.get_experiment_by_name("names")
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment("names", artifact_location=(store / "a").as_uri())
+    )
+    return client.create_run(experiment_id).info.run_id
 
 
 # --------------------------------------------------------------------------- metric keys
