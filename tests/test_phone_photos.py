@@ -22,11 +22,10 @@ from lib import paths
 from lib.cache import DecodedImages, decode_workers
 from lib.data import (
     DataError,
-    load_validated,
     scan_image_folder,
-    validation_record_file,
 )
 from lib.images import check_image, fit_square, load_rgb, read_image
+from lib.validation import load_validated, validation_record_file
 from tests.conftest import make_image, write_dataset
 
 sys.path.insert(0, str(paths.REPO_ROOT / "benchmarks"))
