@@ -23,8 +23,10 @@ import pandas as pd
 
 from lib import tracking
 from lib.data import IMAGE_EXTENSIONS, DataError, dataset_files
+from lib.names import registered_model_name
 
-DEFAULT_MODEL = f"models:/{tracking.DEFAULT_EXPERIMENT}-classifier@champion"
+# the champion of the default experiment, named by the one registry-name rule
+DEFAULT_MODEL = f"models:/{registered_model_name(tracking.DEFAULT_EXPERIMENT)}@champion"
 BATCH_SIZE = 32
 
 
