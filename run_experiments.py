@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from lib.config import ConfigError
-from lib.data import DataError
-from lib.names import InvalidNameError
-from lib.notebooks import NotebookParameterError
-from lib.runner import RunnerOptions, run_grid
-from lib.tracking import DEFAULT_EXPERIMENT, TrackingError
+from imgcls.core.config import ConfigError
+from imgcls.core.names import InvalidNameError
+from imgcls.data.folders import DataError
+from imgcls.pipeline.notebooks import NotebookParameterError
+from imgcls.pipeline.runner import RunnerOptions, run_grid
+from imgcls.tracking import DEFAULT_EXPERIMENT, TrackingError
 
 EXIT_INVALID_INPUT = 2
 EXIT_INTERRUPTED = 130

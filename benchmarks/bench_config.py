@@ -10,7 +10,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(1, str(REPO_ROOT))  # find lib/ even without the editable install
+    sys.path.insert(1, str(REPO_ROOT / "lib"))  # find imgcls even without the editable install
 
 STEPS = (
     "floor_forward",
@@ -32,7 +32,7 @@ DEPENDS = {"ours_frozen_warm": ("ours_frozen_cold",)}
 BACKBONE = "efficientnet_lite0"
 IMAGE_SIZE = 160
 BATCH_SIZE = 16
-FORWARD_BATCH = 64  # lib.features.embed_images' batch size
+FORWARD_BATCH = 64  # imgcls.modeling.features.embed_images' batch size
 SEED = 42
 FROZEN = {"epochs": 2, "lr": 1e-5}
 FINETUNE = {"epochs": 1, "lr": 1e-4}

@@ -122,7 +122,7 @@ def step_grid(cfg: dict[str, Any]) -> dict[str, Any]:
     command = [sys.executable, "run_experiments.py"]
     if cfg["quick"] and not cfg["grid_file"]:
         data = tmp / "data"
-        from lib import paths
+        from imgcls.core import paths
 
         _copy_subset(paths.data_dir() / "train", data / "train", cfg["per_class"])
         _copy_subset(paths.data_dir() / "test", data / "test", QUICK_TEST_PER_CLASS)

@@ -28,13 +28,13 @@ RECIPE_VERSION = 1
 
 
 def phone_photo(source: Path, target: Path) -> None:
-    """Write ``source`` (read upright by lib.images) as a 4032x3024 JPEG (q90) at ``target``.
+    """Write ``source`` (read upright by imgcls.data.images) as a 4032x3024 JPEG (q90) at ``target``.
 
     The picture is centre-cropped to 4:3 first, so it is enlarged, not stretched.
     """
     from PIL import Image
 
-    from lib.images import read_image
+    from imgcls.data.images import read_image
 
     img = read_image(source)
     width, height = img.size
@@ -66,9 +66,9 @@ def build_phone_set(per_class: int = PHONE_PER_CLASS, root: Path = PHONE_DIR) ->
     Built in a temporary folder on all usable cores and renamed into place, so an interrupted
     build leaves no partial set behind.
     """
-    from lib import paths
-    from lib.data import scan_image_folder
-    from lib.images import usable_cores
+    from imgcls.core import paths
+    from imgcls.data.folders import scan_image_folder
+    from imgcls.data.images import usable_cores
 
     source = scan_image_folder(paths.data_dir() / "train", validate=False)
     chosen = []
@@ -100,7 +100,7 @@ def build_phone_set(per_class: int = PHONE_PER_CLASS, root: Path = PHONE_DIR) ->
 
 def load_phone_folder(cfg: dict[str, Any]) -> Any:
     """Return the 12-MP set's ImageFolder, cut to ``cfg['phone_per_class']`` per class if set."""
-    from lib.data import ImageFolder, scan_image_folder
+    from imgcls.data.folders import ImageFolder, scan_image_folder
 
     folder = scan_image_folder(Path(cfg["phone_dir"]), validate=False)
     per_class = cfg.get("phone_per_class")
@@ -129,8 +129,8 @@ def _ms_per_image(function: Any, items: list[Any]) -> float:
 def step_phone_validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Time validation on the 12-MP set: one core, a first scan on all cores, a re-scan."""
     os.environ["IMGCLS_CACHE_DIR"] = str(Path(cfg["tmp_dir"]) / "phone-validate-cache")
-    from lib.data import scan_image_folder
-    from lib.images import check_image, read_image, usable_cores
+    from imgcls.data.folders import scan_image_folder
+    from imgcls.data.images import check_image, read_image, usable_cores
 
     folder = load_phone_folder(cfg)
     files = list(folder.paths)
@@ -161,8 +161,8 @@ def step_phone_validate(cfg: dict[str, Any]) -> dict[str, Any]:
 def step_phone_decode(cfg: dict[str, Any]) -> dict[str, Any]:
     """Time decoding the 12-MP set to 160 px: one core, then DecodedImages on all cores."""
     os.environ["IMGCLS_CACHE_DIR"] = str(Path(cfg["tmp_dir"]) / "phone-decode-cache")
-    from lib.cache import DecodedImages
-    from lib.images import fit_square, load_rgb, read_image, usable_cores
+    from imgcls.data.cache import DecodedImages
+    from imgcls.data.images import fit_square, load_rgb, read_image, usable_cores
 
     folder = load_phone_folder(cfg)
     files = list(folder.paths)

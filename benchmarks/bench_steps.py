@@ -52,8 +52,8 @@ def subset_indices(labels: Any, per_class: int | None) -> list[int]:
 
 def load_train_folder(cfg: dict[str, Any]) -> Any:
     """Return the training ImageFolder, cut to ``cfg['per_class']`` images per class in quick mode."""
-    from lib import paths
-    from lib.data import ImageFolder, scan_image_folder
+    from imgcls.core import paths
+    from imgcls.data.folders import ImageFolder, scan_image_folder
 
     folder = scan_image_folder(paths.data_dir() / "train", validate=False)
     keep = subset_indices(folder.labels, cfg["per_class"])
@@ -68,7 +68,7 @@ def setup_torch(cfg: dict[str, Any]) -> Any:
     """Set torch's thread count and return the benchmark device."""
     import torch
 
-    from lib.features import pick_device
+    from imgcls.modeling.features import pick_device
 
     torch.set_num_threads(cfg["threads"])
     return pick_device(cfg["device"])
@@ -83,8 +83,8 @@ def import_libraries() -> float:
     start = time.perf_counter()
     import timm  # noqa: F401
 
-    import lib.features
-    import lib.training  # noqa: F401
+    import imgcls.modeling.features
+    import imgcls.modeling.training  # noqa: F401
 
     return time.perf_counter() - start
 
@@ -102,7 +102,7 @@ def decode_in_memory(folder: Any, image_size: int) -> Any:
     import numpy as np
     import torch
 
-    from lib.images import load_rgb
+    from imgcls.data.images import load_rgb
 
     out = np.empty((len(folder), 3, image_size, image_size), dtype=np.uint8)
     for i, path in enumerate(folder.paths):
@@ -129,8 +129,8 @@ def floor_forward(cfg: dict[str, Any], folder: Any) -> dict[str, Any]:
     """Time the forward pass of the frozen backbone over ``folder``'s images, decoded untimed."""
     import torch
 
-    from lib.features import to_model_input
-    from lib.models import build_backbone
+    from imgcls.modeling.features import to_model_input
+    from imgcls.modeling.models import build_backbone
 
     device = setup_torch(cfg)
     images = decode_in_memory(folder, IMAGE_SIZE)
@@ -158,8 +158,8 @@ def step_floor_train_step(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from lib.features import to_model_input
-    from lib.models import build_classifier
+    from imgcls.modeling.features import to_model_input
+    from imgcls.modeling.models import build_classifier
 
     device = setup_torch(cfg)
     folder = load_train_folder(cfg)
@@ -244,7 +244,7 @@ def step_reference_finetune(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strategy(cfg: dict[str, Any], frozen: bool) -> Any:
-    from lib.config import Strategy
+    from imgcls.core.config import Strategy
 
     params = FROZEN if frozen else FINETUNE
     return Strategy(
@@ -265,10 +265,12 @@ def _cache_files(root: Path) -> int:
 def ours_frozen(
     cfg: dict[str, Any], expect_warm: bool, folder: Any = None, data_md5: str | None = None
 ) -> dict[str, Any]:
-    """Time lib.training.cross_validate of the frozen strategy on ``folder`` (default: train)."""
-    os.environ["IMGCLS_CACHE_DIR"] = cfg["cache_dir"]  # lib.paths.cache_dir() reads it per call
+    """Time imgcls.modeling.training.cross_validate of the frozen strategy on ``folder`` (default: train)."""
+    os.environ["IMGCLS_CACHE_DIR"] = cfg[
+        "cache_dir"
+    ]  # imgcls.core.paths.cache_dir() reads it per call
     import_seconds = import_libraries()
-    from lib.training import cross_validate
+    from imgcls.modeling.training import cross_validate
 
     device = setup_torch(cfg)
     folder = folder if folder is not None else load_train_folder(cfg)
@@ -307,7 +309,7 @@ def ours_frozen(
 
 
 def step_ours_frozen_cold(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Time lib.training.cross_validate of the frozen strategy with empty caches."""
+    """Time imgcls.modeling.training.cross_validate of the frozen strategy with empty caches."""
     return ours_frozen(cfg, expect_warm=False)
 
 
@@ -317,14 +319,14 @@ def step_ours_frozen_warm(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_ours_finetune(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Time lib.training.train_rows of one fine-tuning fold (fold 0); setup is timed apart."""
+    """Time imgcls.modeling.training.train_rows of one fine-tuning fold (fold 0); setup is timed apart."""
     os.environ["IMGCLS_CACHE_DIR"] = cfg["cache_dir"]
     import_libraries()
     import numpy as np
     import torch
 
-    from lib.data import assign_folds
-    from lib.training import prepare_inputs, train_rows
+    from imgcls.data.folders import assign_folds
+    from imgcls.modeling.training import prepare_inputs, train_rows
 
     device = setup_torch(cfg)
     folder = load_train_folder(cfg)
@@ -381,7 +383,7 @@ def run_step(name: str, config: Path, out: Path) -> int:
     result = {**STEP_FUNCTIONS, **PHONE_STEP_FUNCTIONS}[name](cfg)
     import torch
 
-    from lib.features import pick_device
+    from imgcls.modeling.features import pick_device
 
     device = pick_device(cfg["device"])
     result["step"] = name

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from lib.models import build_classifier
+from imgcls.modeling.models import build_classifier
 
 
 class UpstreamImageDataset(Dataset):

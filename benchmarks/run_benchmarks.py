@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.step:
         return run_step(args.step, args.config, args.out)
-    from lib import paths
-    from lib.data import data_version
+    from imgcls.core import paths
+    from imgcls.data.folders import data_version
 
     steps = selected_steps(args)
     per_class = args.per_class or (QUICK_PER_CLASS if args.quick else None)
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_labels_count(per_class: int | None) -> int:
     """Return the number of training images the steps used (without decoding any)."""
-    from lib import paths
-    from lib.data import scan_image_folder
+    from imgcls.core import paths
+    from imgcls.data.folders import scan_image_folder
 
     folder = scan_image_folder(paths.data_dir() / "train", validate=False)
     return len(subset_indices(folder.labels, per_class))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import paths
+from imgcls.core import paths
 
 
 def make_image(kind: str, rng: np.random.Generator, size: int = 48) -> Image.Image:

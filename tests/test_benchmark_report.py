@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from lib import paths
+from imgcls.core import paths
 
 sys.path.insert(0, str(paths.REPO_ROOT / "benchmarks"))
 

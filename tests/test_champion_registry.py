@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lib import tracking
-from lib.comparison import GridComparison
-from lib.names import InvalidNameError
+from imgcls import tracking
+from imgcls.core.names import InvalidNameError
+from imgcls.evaluation.comparison import GridComparison
 
 
 class _Constant(mlflow.pyfunc.PythonModel):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lib import paths
-from lib.config import ConfigError, Strategy, check_against_data, load_grid, run_key
+from imgcls.core import paths
+from imgcls.core.config import ConfigError, Strategy, check_against_data, load_grid, run_key
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import paths
-from lib.cache import (
+from imgcls.core import paths
+from imgcls.data.cache import (
     DecodedImages,
     cache_file,
     decoded_images,
     decoded_key,
     remove_stale_partial_files,
 )
-from lib.data import (
+from imgcls.data.folders import (
     DataError,
     assign_folds,
     check_same_classes,
@@ -31,8 +31,8 @@ from lib.data import (
     require_split,
     scan_image_folder,
 )
-from lib.features import cached_features
-from lib.images import ImageReadError, load_rgb
+from imgcls.data.images import ImageReadError, load_rgb
+from imgcls.modeling.features import cached_features
 
 
 def test_scan_sorts_classes_and_labels_files(image_dataset):

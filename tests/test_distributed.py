@@ -23,7 +23,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lib import paths
+from imgcls.core import paths
 from tests.conftest import write_dataset
 
 RUN = paths.REPO_ROOT / "run_experiments.py"

@@ -9,11 +9,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lib import names, tracking
-from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.data import DataError
-from lib.evaluation import EvaluationSession, metric_prefix, predict_folder
-from lib.models import build_classifier
+from imgcls import tracking
+from imgcls.core import names
+from imgcls.data.folders import DataError
+from imgcls.evaluation.evaluate import EvaluationSession, metric_prefix, predict_folder
+from imgcls.modeling.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.modeling.models import build_classifier
 from tests.conftest import write_dataset
 
 

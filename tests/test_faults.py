@@ -23,12 +23,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import run_experiments
-from lib import paths
-from lib.config import Grid, Strategy
-from lib.distributed import run_on_dask
-from lib.notebooks import NotebookParameterError, check_parameters
-from lib.reports import write_index
-from lib.runner import GridPoint, Plan
+from imgcls.core import paths
+from imgcls.core.config import Grid, Strategy
+from imgcls.pipeline.distributed import run_on_dask
+from imgcls.pipeline.notebooks import NotebookParameterError, check_parameters
+from imgcls.pipeline.runner import GridPoint, Plan
+from imgcls.reporting.reports import write_index
 from tests.conftest import make_image, write_dataset
 
 RUN = paths.REPO_ROOT / "run_experiments.py"
@@ -509,7 +509,7 @@ def test_makefile_lab_and_ui_bind_loopback_only():
 def test_mark_stale_runs_kills_dead_owners_and_their_orphaned_fold_runs(tmp_path):
     import mlflow
 
-    from lib import tracking
+    from imgcls import tracking
 
     previous = mlflow.get_tracking_uri()
     tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.cache import DecodedImages
-from lib.data import DataError, scan_image_folder
-from lib.features import to_model_input
-from lib.images import ImageReadError, load_rgb, read_image
-from lib.models import Preprocessing
-from lib.serving import file_value, images_to_batch
+from imgcls.data.cache import DecodedImages
+from imgcls.data.folders import DataError, scan_image_folder
+from imgcls.data.images import ImageReadError, load_rgb, read_image
+from imgcls.modeling.features import to_model_input
+from imgcls.modeling.models import Preprocessing
+from imgcls.serving.pyfunc import file_value, images_to_batch
 from tests.conftest import write_dataset
 
 EXIF_ORIENTATION = 0x0112

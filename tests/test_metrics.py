@@ -1,4 +1,4 @@
-"""Hand-computed checks of lib.metrics and smoke tests of lib.plots."""
+"""Hand-computed checks of imgcls.evaluation.metrics and smoke tests of imgcls.reporting.plots."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lib import metrics, plots
+from imgcls.evaluation import metrics
+from imgcls.reporting import plots
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 

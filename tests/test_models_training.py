@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lib import paths
-from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.config import Strategy, load_grid
-from lib.data import data_version, scan_image_folder
-from lib.models import (
+from imgcls.core import paths
+from imgcls.core.config import Strategy, load_grid
+from imgcls.data.folders import data_version, scan_image_folder
+from imgcls.modeling.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.modeling.models import (
     WeightsError,
     _efficientnet_package_file,
     build_backbone,
@@ -18,7 +18,7 @@ from lib.models import (
     freeze_backbone,
     set_train_mode,
 )
-from lib.training import cross_validate, prepare_inputs, refit
+from imgcls.modeling.training import cross_validate, prepare_inputs, refit
 
 TINY = {"image_size": 32, "folds": 2, "epochs": 3, "batch_size": 8, "patience": 0}
 
@@ -157,7 +157,7 @@ def test_every_shipped_strategy_trains_in_tiny_mode(image_dataset, isolated_cach
 
 
 def test_augmentation_draws_a_crop_offset_per_image():
-    from lib.training import augment_batch
+    from imgcls.modeling.training import augment_batch
 
     # identical images: any difference between outputs comes from per-image flips and offsets
     ramp = torch.arange(16, dtype=torch.float32).repeat(16, 1)

@@ -1,7 +1,7 @@
-"""Names that reach MLflow (lib/names.py), held against a real SQLite MLflow store, and the CLI.
+"""Names that reach MLflow (lib/imgcls/core/names.py), held against a real SQLite MLflow store, and the CLI.
 
 Every mapped metric key is logged with ``MlflowClient().log_metric`` and every registered model
-name is created with ``MlflowClient().create_registered_model``: the rules in lib/names.py are
+name is created with ``MlflowClient().create_registered_model``: the rules in lib/imgcls/core/names.py are
 restated from MLflow, so MLflow itself is the judge here.
 """
 
@@ -19,8 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import run_experiments
-from lib import metrics, names, paths
-from lib.names import InvalidNameError
+from imgcls.core import names, paths
+from imgcls.core.names import InvalidNameError
+from imgcls.evaluation import metrics
 from tests.conftest import write_dataset
 
 # Class folder names a user may well have: spaces, parentheses, '&', '+', ',', "'", '@', accents.

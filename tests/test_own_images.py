@@ -22,7 +22,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from lib import metrics, paths, plots
+from imgcls.core import paths
+from imgcls.evaluation import metrics
+from imgcls.reporting import plots
 
 # Long, unbalanced, and full of characters MLflow refuses in metric keys: spaces, parentheses,
 # '&', '+', ',', "'", '@' and accents.
@@ -108,7 +110,7 @@ strategies:
 
 @pytest.mark.slow
 def test_six_class_folder_runs_end_to_end_with_the_unchanged_runner(tmp_path):
-    from lib.names import class_metric_keys
+    from imgcls.core.names import class_metric_keys
 
     data = tmp_path / "my photos"
     write_six_classes(data / "train", CLASSES, seed=1)

@@ -16,16 +16,16 @@ import pytest
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin
 
-from lib import cache as cache_module
-from lib import images as images_module
-from lib import paths
-from lib.cache import DecodedImages, decode_workers
-from lib.data import (
+from imgcls.core import paths
+from imgcls.data import cache as cache_module
+from imgcls.data import images as images_module
+from imgcls.data.cache import DecodedImages, decode_workers
+from imgcls.data.folders import (
     DataError,
     scan_image_folder,
 )
-from lib.images import check_image, fit_square, load_rgb, read_image
-from lib.validation import load_validated, validation_record_file
+from imgcls.data.images import check_image, fit_square, load_rgb, read_image
+from imgcls.data.validation import load_validated, validation_record_file
 from tests.conftest import make_image, write_dataset
 
 sys.path.insert(0, str(paths.REPO_ROOT / "benchmarks"))
@@ -44,7 +44,7 @@ def backdate(root: Path, seconds: float = 60.0) -> None:
 
 
 def count_validations(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Record every file that lib.images.check_image (the validator) decodes."""
+    """Record every file that imgcls.data.images.check_image (the validator) decodes."""
     seen: list[Path] = []
     real = images_module.check_image
 
@@ -84,8 +84,8 @@ def test_draft_decoded_12mp_photos_give_the_full_decode_predictions(real_data, t
     anti-aliasing filter, not a different picture (the 150-px original of the same photo,
     framed differently, is at cosine ~0.84).
     """
-    from lib.features import embed_images
-    from lib.models import build_backbone
+    from imgcls.modeling.features import embed_images
+    from imgcls.modeling.models import build_backbone
 
     sources, labels, train_paths, train_labels = _real_photos(real_data)
     phones = []
@@ -405,7 +405,7 @@ def test_decode_workers_leave_the_cores_of_the_forward_pass(monkeypatch):
 
 
 def _load_rgb_at_20ea0c0(path: Path, image_size: int) -> np.ndarray:
-    """lib/cache.py's load_rgb at commit 20ea0c0, before the one reader and draft mode."""
+    """lib/imgcls/data/cache.py's load_rgb at commit 20ea0c0, before the one reader and draft mode."""
     with Image.open(path) as img:
         rgb = img.convert("RGB")
         fitted = ImageOps.fit(rgb, (image_size, image_size), Image.Resampling.BILINEAR)

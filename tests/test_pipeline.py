@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lib import paths
+from imgcls.core import paths
 from tests.conftest import write_dataset
 
 GRID = """

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lib.config import Strategy
-from lib.data import data_version, scan_image_folder
-from lib.training import cross_validate
+from imgcls.core.config import Strategy
+from imgcls.data.folders import data_version, scan_image_folder
+from imgcls.modeling.training import cross_validate
 
 
 @pytest.mark.realdata

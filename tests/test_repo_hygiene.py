@@ -6,12 +6,13 @@ import json
 import os
 import re
 import subprocess
+import tomllib
 
 import pytest
 import yaml
 
-from lib import paths
-from lib.notebooks import NOTEBOOK_NAMES
+from imgcls.core import paths
+from imgcls.pipeline.notebooks import NOTEBOOK_NAMES
 
 ROOT = paths.REPO_ROOT
 
@@ -36,14 +37,29 @@ def _pins(lines):
     }
 
 
-def test_environment_yml_repeats_requirements_pins():
+def test_pins_live_in_the_requirements_files_only():
     requirements = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    dev = _pins((ROOT / "requirements-dev.txt").read_text().splitlines())
+    assert requirements["torch"] == "2.14.1" and requirements["torchvision"] == "0.29.1"
+    assert {"pydantic", "jinja2", "mlflow"} <= {name.lower() for name in requirements}
+    assert not set(requirements) & set(dev), "a package pinned in both requirement files"
+    assert all(re.fullmatch(r"[\w.+-]+", v) for v in {**requirements, **dev}.values())
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert _pins(pip_section) == requirements
-    assert requirements["torch"] == "2.14.1" and requirements["torchvision"] == "0.29.1"
-    assert all(re.fullmatch(r"[\w.+-]+", v) for v in requirements.values())
+    assert pip_section == ["-r requirements.txt", "-r requirements-dev.txt", "-e ."]
     assert "python=3.11" in env["dependencies"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dynamic = pyproject["tool"]["setuptools"]["dynamic"]
+    assert dynamic["dependencies"] == {"file": ["requirements.txt"]}
+    assert dynamic["optional-dependencies"]["dev"] == {"file": ["requirements-dev.txt"]}
+    for name in ("pyproject.toml", "environment.yml", "Makefile"):
+        text = (ROOT / name).read_text()
+        repeated = [
+            pkg for pkg, version in {**requirements, **dev}.items() if f"{pkg}=={version}" in text
+        ]
+        assert not repeated, (
+            f"{name} repeats the pins of {repeated}; keep them in requirements*.txt"
+        )
 
 
 def _tracked_files():
@@ -98,13 +114,19 @@ def test_no_images_or_large_files_tracked():
 def test_importing_the_package_changes_no_environment_variable():
     import sys
 
-    modules = sorted(p.stem for p in (paths.REPO_ROOT / "lib").glob("*.py") if p.stem != "__init__")
+    package = paths.REPO_ROOT / "lib" / "imgcls"
+    modules = sorted(
+        ".".join(("imgcls", *p.relative_to(package).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for p in package.rglob("*.py")
+    )
     script = (
         "import importlib, json, os\n"
         "import matplotlib, mlflow, pandas, papermill, sklearn, timm, torch, torchvision\n"
         "before = dict(os.environ)  # after the libraries: only our own changes count\n"
         f"for name in {modules!r}:\n"
-        "    importlib.import_module('lib.' + name)\n"
+        "    importlib.import_module(name)\n"
         "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
         "print(json.dumps(sorted(changed)))\n"
     )

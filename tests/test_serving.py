@@ -20,12 +20,13 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from lib import paths, tracking
-from lib.checkpoint import save_checkpoint
-from lib.config import Strategy
-from lib.data import data_version, scan_image_folder
-from lib.serving import file_value, log_pyfunc_model
-from lib.training import cross_validate, refit
+from imgcls import tracking
+from imgcls.core import paths
+from imgcls.core.config import Strategy
+from imgcls.data.folders import data_version, scan_image_folder
+from imgcls.modeling.checkpoint import save_checkpoint
+from imgcls.modeling.training import cross_validate, refit
+from imgcls.serving.pyfunc import file_value, log_pyfunc_model
 from tests.conftest import write_dataset
 
 
@@ -101,7 +102,7 @@ def test_predict_cli_prints_one_line_per_image_and_writes_csv(registered):
         [
             sys.executable,
             "-m",
-            "lib.predict",
+            "imgcls.serving.predict",
             str(registered["data"] / "test"),
             "--model",
             "models:/serving-classifier@champion",
@@ -121,7 +122,7 @@ def test_predict_cli_prints_one_line_per_image_and_writes_csv(registered):
     assert list(frame.columns[:4]) == ["path", "status", "predicted_class", "confidence"]
     assert len(frame) == len(registered["files"]) and frame["status"].eq("ok").all()
     missing = subprocess.run(
-        [sys.executable, "-m", "lib.predict", "/no/such/file.jpg"],
+        [sys.executable, "-m", "imgcls.serving.predict", "/no/such/file.jpg"],
         cwd=paths.REPO_ROOT,
         env=registered["env"],
         capture_output=True,
@@ -133,7 +134,7 @@ def test_predict_cli_prints_one_line_per_image_and_writes_csv(registered):
 
 def _run_predict(registered, *args):
     return subprocess.run(
-        [sys.executable, "-m", "lib.predict", *map(str, args)],
+        [sys.executable, "-m", "imgcls.serving.predict", *map(str, args)],
         cwd=paths.REPO_ROOT,
         env=registered["env"],
         capture_output=True,

@@ -40,7 +40,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lib import names, paths
+from imgcls.core import names, paths
 from tests.conftest import write_dataset
 from tests.test_distributed import (
     CHECKPOINTS,

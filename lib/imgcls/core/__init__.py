@@ -1,0 +1,1 @@
+"""Core: repository paths, the grid-file schema and strategies, names MLflow accepts."""

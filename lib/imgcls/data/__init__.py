@@ -1,0 +1,1 @@
+"""Data: reading images, listing a dataset folder, validation records, decoded-image caches."""

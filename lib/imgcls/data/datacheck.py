@@ -1,0 +1,125 @@
+"""What notebook 01 does: summarise and check the dataset, and show the shared fold assignment."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from imgcls.data.folders import (
+    ImageFolder,
+    assign_folds,
+    check_same_classes,
+    data_version,
+    expected_data_md5,
+    file_md5,
+    require_split,
+    scan_image_folder,
+)
+from imgcls.data.images import image_header, load_rgb
+
+
+@dataclass
+class DatasetReport:
+    """Both splits of a dataset, scanned and validated, with the data version."""
+
+    root: Path
+    train: ImageFolder
+    test: ImageFolder
+    data_md5: str
+    expected_md5: str | None
+
+    def counts(self) -> pd.DataFrame:
+        """Return images per class (rows) and split (columns), with totals."""
+        table = pd.DataFrame({"train": self.train.class_counts(), "test": self.test.class_counts()})
+        table.loc["total"] = table.sum()
+        return table
+
+    def version_table(self) -> pd.DataFrame:
+        """Return the data version found on disk next to the one ``data.dvc`` records."""
+        match = self.expected_md5 is None or self.expected_md5 == self.data_md5
+        return pd.DataFrame(
+            {
+                "value": [
+                    str(self.root),
+                    self.data_md5,
+                    str(self.expected_md5),
+                    "yes" if match else "NO: run `dvc status`",
+                ]
+            },
+            index=["data folder", "content md5", "data.dvc md5", "matches"],
+        )
+
+    def findings(self) -> pd.DataFrame:
+        """Return every problem found: skipped bad files and duplicate images (by content)."""
+        rows = [
+            {"kind": "bad file", "path": str(b.path), "detail": b.reason}
+            for b in self.train.skipped + self.test.skipped
+        ]
+        for digest, members in duplicate_groups([self.train, self.test]).items():
+            splits = sorted({m.split("/")[0] for m in members})
+            kind = "duplicate across splits" if len(splits) > 1 else "duplicate within split"
+            rows.append({"kind": kind, "path": ", ".join(members), "detail": f"md5 {digest}"})
+        return pd.DataFrame(rows, columns=["kind", "path", "detail"])
+
+
+def inspect_dataset(data_dir: str | None = None, skip_bad_images: bool = False) -> DatasetReport:
+    """Scan and validate ``train`` and ``test``; check they have the same classes."""
+    root = Path(data_dir) if data_dir else None
+    train = scan_image_folder(require_split("train", root), skip_bad=skip_bad_images)
+    test = scan_image_folder(require_split("test", root), skip_bad=skip_bad_images)
+    check_same_classes(train, test)
+    resolved = train.root.parent
+    expected = expected_data_md5() if root is None else None
+    return DatasetReport(resolved, train, test, data_version(resolved), expected)
+
+
+def duplicate_groups(folders: list[ImageFolder]) -> dict[str, list[str]]:
+    """Return ``md5 -> ["<split>/<class>/<file>", ...]`` for contents that occur more than once."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for folder in folders:
+        for path in folder.paths:
+            groups[file_md5(path)].append(f"{folder.root.name}/{path.relative_to(folder.root)}")
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def image_size_stats(folder: ImageFolder) -> pd.DataFrame:
+    """Return width/height statistics (pixels) and colour modes per class."""
+    rows = []
+    for path, label in zip(folder.paths, folder.labels, strict=True):
+        width, height, mode = image_header(path)
+        rows.append(
+            {"class": folder.classes[label], "width_px": width, "height_px": height, "mode": mode}
+        )
+    frame = pd.DataFrame(rows)
+    stats = frame.groupby("class")[["width_px", "height_px"]].agg(["min", "median", "max"])
+    stats["modes"] = frame.groupby("class")["mode"].agg(lambda m: ", ".join(sorted(set(m))))
+    return stats
+
+
+def sample_images(
+    folder: ImageFolder, per_class: int, seed: int = 0, size: int = 128
+) -> tuple[list[np.ndarray], list[str]]:
+    """Return ``per_class`` random images of each class (seeded) and their captions."""
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for label, name in enumerate(folder.classes):
+        candidates = np.flatnonzero(folder.labels == label)
+        for i in rng.choice(candidates, size=min(per_class, len(candidates)), replace=False):
+            images.append(load_rgb(folder.paths[i], size))
+            captions.append(f"{name}: {folder.paths[i].name}")
+    return images, captions
+
+
+def fold_balance(folder: ImageFolder, folds: int, seed: int) -> pd.DataFrame:
+    """Return images per class (rows) and fold (columns) of the shared stratified assignment."""
+    assignment = assign_folds(folder.labels, folds, seed)
+    table = pd.crosstab(
+        pd.Series([folder.classes[i] for i in folder.labels], name="class"),
+        pd.Series(assignment, name="fold"),
+    )
+    table.columns = [f"fold {c}" for c in table.columns]
+    return table

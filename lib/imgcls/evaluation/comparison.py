@@ -1,0 +1,261 @@
+"""What notebook 04 does: every grid point side by side from MLflow, the champion, the registry.
+
+The champion is chosen on cross-validation (highest mean CV accuracy; ties: lower CV loss, then
+faster); test scores are shown but never used to choose. Only the champion is registered, and
+its version gets the alias ``champion``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from imgcls import tracking
+from imgcls.core import names
+from imgcls.evaluation import metrics
+
+CHAMPION_ALIAS = "champion"
+
+
+@dataclass
+class GridComparison:
+    """The finished grid-point runs of one grid, with their metrics."""
+
+    experiment_name: str
+    grid_id: str
+    runs: pd.DataFrame  # one row per grid point (index), columns = metrics/params/tags
+    _memo: dict = field(default_factory=dict, repr=False)  # MLflow lookups are done once
+
+    @classmethod
+    def load(
+        cls,
+        experiment_name: str = tracking.DEFAULT_EXPERIMENT,
+        grid_id: str | None = None,
+        tracking_uri: str | None = None,
+    ) -> GridComparison:
+        """Load the latest finished run of every grid point of ``grid_id`` (default: newest grid)."""
+        tracking.configure(tracking_uri)
+        experiment = MlflowClient().get_experiment_by_name(experiment_name)
+        if experiment is None:
+            raise tracking.TrackingError(f"experiment {experiment_name!r} not found")
+        base = f"tags.{tracking.TAG_KIND} = 'grid_point' and attributes.status = 'FINISHED'"
+        if grid_id is None:
+            newest = mlflow.search_runs(
+                [experiment.experiment_id],
+                filter_string=base,
+                max_results=1,
+                order_by=["attributes.start_time DESC"],
+            )
+            if newest.empty:
+                raise tracking.TrackingError(
+                    f"no finished grid-point runs in experiment {experiment_name!r}; "
+                    "run run_experiments.py or notebooks 02 and 03 first"
+                )
+            grid_id = newest[f"tags.{tracking.TAG_GRID_ID}"].iloc[0]
+        frame = mlflow.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"{base} and tags.{tracking.TAG_GRID_ID} = '{grid_id}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=5000,
+        )
+        if frame.empty:
+            raise tracking.TrackingError(
+                f"grid {grid_id}: no finished grid-point runs in experiment {experiment_name!r} "
+                "(every grid point failed?); see reports/index.html for the errors"
+            )
+        point_col = f"tags.{tracking.TAG_GRID_POINT}"
+        frame = frame.drop_duplicates(point_col).set_index(point_col).sort_index()
+        frame.index.name = "grid point"
+        return cls(experiment_name, str(grid_id), frame)
+
+    def _metric(self, name: str) -> pd.Series:
+        column = f"metrics.{name}"
+        if column in self.runs:
+            return self.runs[column].astype(float)
+        return pd.Series(np.nan, index=self.runs.index)
+
+    def fold_scores(self, metric: str = "fold_val_accuracy") -> dict[str, list[float]]:
+        """Return per-fold validation accuracy (fold order) for each grid point."""
+        if ("fold_scores", metric) in self._memo:
+            return self._memo[("fold_scores", metric)]
+        client = MlflowClient()
+        scores = {}
+        for point, run_id in self.runs["run_id"].items():
+            history = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)
+            scores[point] = [m.value for m in history]
+        self._memo[("fold_scores", metric)] = scores
+        return scores
+
+    def curves(self, metric: str = "val_accuracy") -> dict[str, list[dict[str, float]]]:
+        """Return, per grid point, the per-epoch mean of ``metric`` over its fold child runs."""
+        client = MlflowClient()
+        experiment_id = self.runs["experiment_id"].iloc[0]
+        curves = {}
+        for point, run_id in self.runs["run_id"].items():
+            children = client.search_runs(
+                [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'"
+            )
+            per_epoch: dict[int, list[float]] = {}
+            for child in children:
+                for m in client.get_metric_history(child.info.run_id, metric):
+                    per_epoch.setdefault(m.step, []).append(m.value)
+            curves[point] = [
+                {"epoch": e, metric: float(np.mean(v))} for e, v in sorted(per_epoch.items())
+            ]
+        return curves
+
+    def table(self) -> pd.DataFrame:
+        """Return one row per grid point: CV scores, test accuracy and interval, time, p-value."""
+        if "table" not in self._memo:
+            self._memo["table"] = self._build_table()
+        return self._memo["table"].copy()
+
+    def _build_table(self) -> pd.DataFrame:
+        table = pd.DataFrame(
+            {
+                "strategy": self.runs[f"tags.{tracking.TAG_STRATEGY}"],
+                "cv_accuracy_mean": self._metric("cv_accuracy_mean"),
+                "cv_accuracy_std": self._metric("cv_accuracy_std"),
+                "cv_loss_mean": self._metric("cv_loss_mean"),
+                "cv_loss_std": self._metric("cv_loss_std"),
+                "test_accuracy": self._metric("test_accuracy"),
+                "test_accuracy_ci_low": self._metric("test_accuracy_ci_low"),
+                "test_accuracy_ci_high": self._metric("test_accuracy_ci_high"),
+                "train_seconds": self._metric("cv_train_seconds")
+                + self._metric("refit_seconds").fillna(0),
+                "images_per_second": self._metric("cv_images_per_second"),
+                "gate": self.runs.get("tags.quality_gate", pd.Series("", index=self.runs.index)),
+                "run_id": self.runs["run_id"],
+            }
+        )
+        significance = self.significance()
+        table["p_value_vs_best"] = significance["p_value"]
+        table["is_champion"] = table.index == self.champion()
+        return table.sort_values("cv_accuracy_mean", ascending=False)
+
+    def display_table(self) -> pd.DataFrame:
+        """Return :meth:`table` formatted for reading: one compact, rounded row per grid point."""
+        t = self.table()
+        return pd.DataFrame(
+            {
+                "strategy": t["strategy"],
+                "CV accuracy": [
+                    f"{m:.4f} ± {s:.4f}"
+                    for m, s in zip(t["cv_accuracy_mean"], t["cv_accuracy_std"], strict=True)
+                ],
+                "CV loss": [
+                    f"{m:.4f} ± {s:.4f}"
+                    for m, s in zip(t["cv_loss_mean"], t["cv_loss_std"], strict=True)
+                ],
+                "test accuracy [95% CI]": [
+                    f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
+                    for a, lo, hi in zip(
+                        t["test_accuracy"],
+                        t["test_accuracy_ci_low"],
+                        t["test_accuracy_ci_high"],
+                        strict=True,
+                    )
+                ],
+                "train s": t["train_seconds"].round(1),
+                "img/s": t["images_per_second"].round(0),
+                "p vs champion": t["p_value_vs_best"].round(4),
+                "gate": t["gate"],
+                "champion": t["is_champion"].map({True: "★", False: ""}),
+            },
+            index=t.index,
+        )
+
+    def champion(self) -> str:
+        """Return the grid point chosen on cross-validation (accuracy, then loss, then time)."""
+        candidates = pd.DataFrame(
+            {
+                "cv_accuracy_mean": self._metric("cv_accuracy_mean"),
+                "cv_loss_mean": self._metric("cv_loss_mean"),
+                "train_seconds": self._metric("cv_train_seconds"),
+            }
+        ).dropna(subset=["cv_accuracy_mean"])
+        return metrics.choose_champion(candidates)
+
+    def significance(self) -> pd.DataFrame:
+        """Return the corrected resampled t-test of the champion against every other point."""
+        scores = self.fold_scores()
+        best = self.champion()
+        n_images = self._metric("n_train_images")
+        n_total = float(n_images.dropna().iloc[0]) if n_images.notna().any() else 0.0
+        k = max(len(v) for v in scores.values()) if scores else 0
+        comparable = {p: s for p, s in scores.items() if len(s) == len(scores[best]) and len(s) > 1}
+        if best not in comparable or not n_total or k < 2:
+            return pd.DataFrame({"p_value": np.nan}, index=self.runs.index)
+        n_test = n_total / k
+        result = metrics.compare_to_best(comparable, best, int(n_total - n_test), int(n_test))
+        return result.reindex(self.runs.index)
+
+    def champion_sentence(self) -> str:
+        """Return a sentence naming the champion and why, with its test score."""
+        table = self.table()
+        best = table.loc[self.champion()]
+        return (
+            f"Champion: {self.champion()} (strategy {best['strategy']}), chosen on cross-validation: "
+            f"accuracy {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}, loss "
+            f"{best['cv_loss_mean']:.4f}. Test accuracy (reported, not used to choose): "
+            f"{best['test_accuracy']:.4f} [{best['test_accuracy_ci_low']:.3f}, "
+            f"{best['test_accuracy_ci_high']:.3f}]."
+        )
+
+    def register_champion(self, model_name: str | None = None) -> dict[str, Any]:
+        """Register the champion's model, point the ``champion`` alias at it; return the details.
+
+        The name is :func:`imgcls.core.names.registered_model_name`: ``model_name`` if MLflow's registry
+        accepts it, else (None) ``<experiment>-classifier`` with the characters the registry
+        refuses mapped to ``-``. Raises imgcls.core.names.InvalidNameError (a ValueError) for a
+        ``model_name`` the registry would refuse, before anything is registered, and
+        tracking.TrackingError when the champion's run has no logged model.
+        """
+        name = names.registered_model_name(self.experiment_name, model_name)
+        point = self.champion()
+        run = self.runs.loc[point]
+        model_uri = run.get("tags.model_uri")
+        if not isinstance(model_uri, str) or not model_uri:
+            raise tracking.TrackingError(f"run {run['run_id']} ({point}) has no logged model")
+        client = MlflowClient()
+        existing = _current_champion(client, name)
+        if existing and existing.run_id == run["run_id"]:
+            version = existing
+        else:
+            version = mlflow.register_model(
+                model_uri,
+                name,
+                tags={
+                    tracking.TAG_GRID_ID: self.grid_id,
+                    "run_id": run["run_id"],
+                    "grid_point": point,
+                },
+            )
+            client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+            if existing:  # the alias moved: the previous champion's run is no longer one
+                with contextlib.suppress(mlflow.exceptions.MlflowException):
+                    client.set_tag(existing.run_id, "champion", "false")
+        client.set_tag(run["run_id"], "champion", "true")
+        uri = f"models:/{name}@{CHAMPION_ALIAS}"
+        print(f"Registered {uri} -> version {version.version} (run {run['run_id']}, {point})")
+        return {
+            "name": name,
+            "version": int(version.version),
+            "alias": CHAMPION_ALIAS,
+            "uri": uri,
+            "run_id": run["run_id"],
+            "grid_point": point,
+        }
+
+
+def _current_champion(client: MlflowClient, name: str) -> Any:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except mlflow.exceptions.MlflowException:
+        return None

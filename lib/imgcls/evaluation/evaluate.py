@@ -1,0 +1,282 @@
+"""What notebook 03 does: score a strategy's refit model (and its fold models) on labelled folders.
+
+The model comes from MLflow (the parent run's checkpoints), never from notebook state. Results
+are logged to that parent run: ``test_*`` metrics for ``data/test`` and ``<name>_*`` metrics for
+each extra evaluation folder, the quality gate as tags and metrics.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from imgcls import tracking
+from imgcls.core import names
+from imgcls.data.cache import decoded_images
+from imgcls.data.folders import (
+    DataError,
+    ImageFolder,
+    data_version,
+    require_split,
+    scan_image_folder,
+)
+from imgcls.data.images import load_rgb
+from imgcls.evaluation import metrics
+from imgcls.modeling.checkpoint import (
+    head_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocessing_of,
+    read_checkpoint,
+)
+from imgcls.modeling.features import (
+    EVAL_BATCH_SIZE,
+    cached_features,
+    pick_device,
+    set_threads,
+    to_model_input,
+)
+from imgcls.modeling.models import Classifier, Preprocessing
+
+
+@dataclass
+class EvaluationResult:
+    """Predictions and scores of one model on one labelled folder."""
+
+    name: str
+    folder: ImageFolder
+    probabilities: np.ndarray
+    scores: dict[str, float]
+    data_md5: str
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """Return the predicted class index per image."""
+        return self.probabilities.argmax(1)
+
+    def scores_table(self) -> pd.DataFrame:
+        """Return the headline scores as a one-column table."""
+        keys = [
+            "n_images",
+            "accuracy",
+            "accuracy_ci_low",
+            "accuracy_ci_high",
+            "balanced_accuracy",
+            "macro_f1",
+            "log_loss",
+            "roc_auc",
+            "pr_auc",
+        ]
+        return pd.DataFrame({"value": [self.scores[k] for k in keys]}, index=keys)
+
+    def per_class(self) -> pd.DataFrame:
+        """Return precision, recall, F1 and support per class."""
+        return metrics.per_class_table(self.folder.labels, self.probabilities, self.folder.classes)
+
+    def confusion(self) -> pd.DataFrame:
+        """Return the confusion matrix (counts)."""
+        return metrics.confusion(self.folder.labels, self.predictions, self.folder.classes)
+
+    def hardest_images(self, limit: int = 12) -> tuple[list[np.ndarray], list[str]]:
+        """Return misclassified images, then the least confident correct ones, with captions."""
+        true = self.folder.labels
+        pred = self.predictions
+        confidence = self.probabilities.max(1)
+        wrong = [i for i in np.argsort(-confidence) if pred[i] != true[i]]
+        unsure = [i for i in np.argsort(confidence) if pred[i] == true[i]]
+        chosen = (wrong + unsure)[:limit]
+        classes = self.folder.classes
+        images = [load_rgb(self.folder.paths[i], 128) for i in chosen]
+        captions = [
+            f"{'WRONG' if pred[i] != true[i] else 'unsure'} {self.folder.paths[i].name}\n"
+            f"true {classes[true[i]]}, pred {classes[pred[i]]} ({confidence[i]:.2f})"
+            for i in chosen
+        ]
+        return images, captions
+
+
+@torch.inference_mode()
+def predict_folder(
+    model: Classifier,
+    prep: Preprocessing,
+    folder: ImageFolder,
+    data_md5: str,
+    device: str | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> np.ndarray:
+    """Return softmax probabilities ``[N, C]`` of ``model`` over a folder (decoded-image cache)."""
+    dev = pick_device(device)
+    model = model.eval().to(dev, memory_format=torch.channels_last)
+    images = decoded_images(folder, prep.image_size, data_md5)
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = to_model_input(torch.from_numpy(images[start : start + batch_size]), prep, dev)
+        out.append(torch.softmax(model(batch).float(), dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+def metric_prefix(name: str) -> str:
+    """Return the MLflow metric prefix of an evaluation-set name (``test``, or a folder path).
+
+    The rule is :func:`imgcls.core.names.metric_key` (``data/phone photos`` -> ``data_phone_photos``);
+    raises imgcls.core.names.InvalidNameError for a name that gives no prefix.
+    """
+    return names.metric_key(name)
+
+
+@dataclass
+class EvaluationSession:
+    """Evaluation of one grid point's models, logged to its MLflow parent run."""
+
+    run_id: str
+    model: Classifier
+    classes: list[str]
+    prep: Preprocessing
+    params: dict[str, str]
+    checkpoint_dir: Path
+    device: str | None = None
+
+    @classmethod
+    def start(
+        cls,
+        parent_run_id: str | None = None,
+        experiment_name: str = tracking.DEFAULT_EXPERIMENT,
+        tracking_uri: str | None = None,
+        torch_threads: int = 0,
+        device: str | None = None,
+    ) -> EvaluationSession:
+        """Find the run (given id, or the latest finished training run) and load its refit model.
+
+        The run's checkpoints are downloaded to a temporary folder that is deleted when the
+        session is garbage-collected (or the process exits).
+        """
+        set_threads(torch_threads)
+        tracking.configure(tracking_uri)
+        run_id = parent_run_id or tracking.latest_run(
+            experiment_name, f"tags.{tracking.TAG_KIND} = 'grid_point'"
+        )
+        run = MlflowClient().get_run(run_id)
+        target = Path(tempfile.mkdtemp(prefix="eval-"))
+        checkpoint_dir = tracking.download_artifact(run_id, "checkpoints", target)
+        model, classes, prep, _ = load_checkpoint(checkpoint_dir / "refit.pt")
+        session = cls(run_id, model, classes, prep, dict(run.data.params), checkpoint_dir, device)
+        weakref.finalize(session, shutil.rmtree, target, True)
+        return session
+
+    def load_folder(self, folder: str | Path, skip_bad_images: bool = False) -> ImageFolder:
+        """Scan a labelled folder and check its classes equal the model's classes."""
+        scanned = scan_image_folder(folder, skip_bad=skip_bad_images)
+        if scanned.classes != self.classes:
+            raise DataError(
+                f"{folder}: classes {scanned.classes} do not match the model's classes "
+                f"{self.classes}; an evaluation folder needs exactly the same class folders"
+            )
+        return scanned
+
+    def evaluate(self, folder: ImageFolder, name: str = "test") -> EvaluationResult:
+        """Score the refit model on ``folder``; log ``<name>_*`` metrics to the run."""
+        md5 = data_version(folder.root)
+        probs = predict_folder(self.model, self.prep, folder, md5, self.device)
+        scores = metrics.classification_metrics(folder.labels, probs, self.classes)
+        prefix = metric_prefix(name)
+        logged = {f"{prefix}_{k}": v for k, v in scores.items() if np.isfinite(v)}
+        logged[f"{prefix}_skipped_images"] = len(folder.skipped)
+        tracking.log_batch(self.run_id, metrics=logged, tags={f"{prefix}_data_md5": md5})
+        return EvaluationResult(name, folder, probs, scores, md5)
+
+    def evaluate_test(
+        self, data_dir: str | None = None, skip_bad_images: bool = False
+    ) -> EvaluationResult:
+        """Score the refit model on the ``test`` split of the dataset."""
+        root = Path(data_dir) if data_dir else None
+        return self.evaluate(self.load_folder(require_split("test", root), skip_bad_images), "test")
+
+    def fold_probabilities(self, path: Path, result: EvaluationResult) -> np.ndarray:
+        """Return a fold checkpoint's softmax probabilities ``[N, C]`` on the folder of ``result``.
+
+        A head-only checkpoint (frozen backbone) is applied to the folder's cached backbone
+        features, computed once for every fold and grid point with the same backbone and weights;
+        a full checkpoint runs its own model over the images.
+        """
+        payload = read_checkpoint(path)
+        if not payload.get("head_only"):
+            model = model_from_checkpoint(payload)
+            prep = preprocessing_of(payload)
+            return predict_folder(model, prep, result.folder, result.data_md5, self.device)
+        features, _ = cached_features(
+            result.folder,
+            payload["backbone"],
+            payload["backbone_weights"],
+            preprocessing_of(payload).image_size,
+            result.data_md5,
+            pick_device(self.device),
+        )
+        with torch.inference_mode():
+            logits = head_from_checkpoint(payload)(torch.from_numpy(features))
+        return torch.softmax(logits.float(), dim=1).numpy()
+
+    def fold_models_on(self, result: EvaluationResult) -> pd.DataFrame:
+        """Score every fold model on the same folder; log mean and std; return a table."""
+        rows = []
+        for path in sorted(self.checkpoint_dir.glob("fold*.pt")):
+            probs = self.fold_probabilities(path, result)
+            scores = metrics.classification_metrics(result.folder.labels, probs, self.classes)
+            rows.append(
+                {
+                    "model": path.stem,
+                    "accuracy": scores["accuracy"],
+                    "log_loss": scores["log_loss"],
+                    "roc_auc": scores["roc_auc"],
+                }
+            )
+        rows.append(
+            {
+                "model": "refit (all training data)",
+                "accuracy": result.scores["accuracy"],
+                "log_loss": result.scores["log_loss"],
+                "roc_auc": result.scores["roc_auc"],
+            }
+        )
+        table = pd.DataFrame(rows).set_index("model")
+        folds = table.drop(index="refit (all training data)")
+        if len(folds):
+            prefix = metric_prefix(result.name)
+            tracking.log_batch(
+                self.run_id,
+                metrics={
+                    f"{prefix}_fold_models_accuracy_mean": float(folds["accuracy"].mean()),
+                    f"{prefix}_fold_models_accuracy_std": float(folds["accuracy"].std(ddof=1))
+                    if len(folds) > 1
+                    else 0.0,
+                },
+            )
+        return table
+
+    def gate(self, result: EvaluationResult, min_accuracy: float | None = None) -> dict[str, Any]:
+        """Apply the quality gate (default: the strategy's ``min_accuracy``); log and return it."""
+        threshold = float(
+            min_accuracy if min_accuracy is not None else self.params.get("min_accuracy", 0.70)
+        )
+        verdict = metrics.quality_gate(result.scores["accuracy"], threshold)
+        tracking.log_batch(
+            self.run_id,
+            metrics={
+                "gate_passed": float(verdict["passed"]),
+                "gate_min_accuracy": threshold,
+                "gate_margin": verdict["margin"],
+            },
+            tags={
+                "quality_gate": "passed" if verdict["passed"] else "failed",
+                "quality_gate_message": verdict["message"],
+            },
+        )
+        return verdict

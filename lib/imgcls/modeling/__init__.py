@@ -1,0 +1,1 @@
+"""Modeling: backbones, feature caches, the training loop with its folds, checkpoints."""

@@ -1,0 +1,263 @@
+"""What notebook 02 does, as a few calls: set up one strategy's MLflow run, cross-validate, refit.
+
+The runner creates the parent run and passes its id; a notebook opened by hand creates its own.
+Fold results go to child runs (per-epoch metrics with ``step`` = epoch); the CV summary, the
+checkpoints and the refit model (an MLflow pyfunc taking images) go to the parent run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from imgcls import tracking
+from imgcls.core.config import Strategy, check_against_data, strategy_from_dict
+from imgcls.data.folders import ImageFolder, data_version, require_split, scan_image_folder
+from imgcls.modeling.checkpoint import save_checkpoint
+from imgcls.modeling.features import set_threads
+from imgcls.modeling.training import CVResult, TrainingInputs, cross_validate, prepare_inputs, refit
+
+
+@dataclass
+class TrainingSession:
+    """One strategy's training inside its MLflow parent run."""
+
+    strategy: Strategy
+    folder: ImageFolder
+    data_md5: str
+    run_id: str
+    experiment_id: str
+    managed: bool
+    device: str | None = None
+    inputs: TrainingInputs | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls,
+        strategy: dict[str, Any],
+        strategy_name: str = "default",
+        parent_run_id: str | None = None,
+        experiment_name: str = tracking.DEFAULT_EXPERIMENT,
+        tracking_uri: str | None = None,
+        data_dir: str | None = None,
+        torch_threads: int = 0,
+        skip_bad_images: bool = False,
+        device: str | None = None,
+    ) -> TrainingSession:
+        """Validate the strategy and data, and open (or create) the MLflow parent run."""
+        set_threads(torch_threads)
+        parsed = strategy_from_dict({**strategy, "name": strategy_name}, where="strategy")
+        root = Path(data_dir) if data_dir else None
+        folder = scan_image_folder(require_split("train", root), skip_bad=skip_bad_images)
+        check_against_data(parsed, folder.class_counts(), where="strategy")
+        md5 = data_version(root)
+        tracking.configure(tracking_uri)
+        experiment_id = tracking.get_experiment_id(experiment_name)
+        client = MlflowClient()
+        if parent_run_id is None:
+            run = client.create_run(experiment_id, tags=tracking.lineage_tags(parsed, md5))
+            run_id = run.info.run_id
+            tracking.log_batch(run_id, params=parsed.params())
+        else:
+            run_id = client.get_run(parent_run_id).info.run_id
+        tracking.log_batch(
+            run_id,
+            metrics={"skipped_images_train": len(folder.skipped)},
+            tags={"classes": ",".join(folder.classes)},
+        )
+        return cls(parsed, folder, md5, run_id, experiment_id, parent_run_id is not None, device)
+
+    def describe(self) -> pd.DataFrame:
+        """Return a one-column table of the strategy, data and run this session uses."""
+        rows = {
+            **self.strategy.params(),
+            "train images": len(self.folder),
+            "classes": ", ".join(self.folder.classes),
+            "data version": self.data_md5,
+            "MLflow run": self.run_id,
+            "torch threads": torch.get_num_threads(),
+        }
+        return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
+
+    def cross_validate(self, progress: bool = True) -> CVResult:
+        """Run k-fold CV; log one child run per fold and the CV summary on the parent."""
+        self.inputs, setup = prepare_inputs(
+            self.strategy, self.folder, self.data_md5, self.device, progress
+        )
+        self.timings["input_setup_seconds"] = setup
+        result = cross_validate(
+            self.strategy, self.folder, self.data_md5, self.device, progress, inputs=self.inputs
+        )
+        result.setup_seconds = setup
+        client = MlflowClient()
+        point = client.get_run(self.run_id).data.tags.get(tracking.TAG_GRID_POINT)
+        point = point or self.strategy.run_name
+        for fold in result.folds:
+            child = client.create_run(
+                self.experiment_id,
+                tags={
+                    "mlflow.parentRunId": self.run_id,
+                    tracking.TAG_KIND: "fold",
+                    "mlflow.runName": f"{point}-fold{fold.fold}",
+                    "fold": str(fold.fold),
+                },
+            )
+            tracking.log_history(child.info.run_id, fold.history)
+            tracking.log_batch(
+                child.info.run_id,
+                params={
+                    "fold": fold.fold,
+                    "n_train": int(len(self.folder) - len(fold.val_indices)),
+                    "n_val": len(fold.val_indices),
+                },
+                metrics={
+                    "best_val_accuracy": fold.val_accuracy,
+                    "best_val_loss": fold.val_loss,
+                    "best_epoch": fold.best_epoch,
+                    "train_seconds": fold.train_seconds,
+                },
+            )
+            client.set_terminated(child.info.run_id, "FINISHED")
+        summary = result.summary()
+        summary["feature_cache_hit"] = float(result.feature_cache_hit)
+        summary["n_train_images"] = len(self.folder)
+        tracking.log_batch(self.run_id, metrics=summary)
+        client.log_batch(
+            self.run_id,
+            metrics=[
+                mlflow.entities.Metric(name, value, int(time.time() * 1000), fold.fold)
+                for fold in result.folds
+                for name, value in (
+                    ("fold_val_accuracy", fold.val_accuracy),
+                    ("fold_val_loss", fold.val_loss),
+                )
+            ],
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            assignment = pd.DataFrame(
+                {
+                    "path": self.folder.relpaths(),
+                    "label": [self.folder.classes[i] for i in self.folder.labels],
+                    "fold": result.fold_assignment,
+                }
+            )
+            assignment.to_csv(Path(tmp) / "fold_assignment.csv", index=False)
+            self._save_fold_checkpoints(result, Path(tmp) / "checkpoints")
+            client.log_artifact(self.run_id, str(Path(tmp) / "fold_assignment.csv"), "cv")
+            client.log_artifacts(self.run_id, str(Path(tmp) / "checkpoints"), "checkpoints")
+        return result
+
+    def _save_fold_checkpoints(self, result: CVResult, folder: Path) -> None:
+        head_only = self.strategy.weights if self.strategy.freeze_backbone else None
+        for fold in result.folds:
+            model = self.inputs.new_model(self.strategy.seed)
+            model.load_state_dict(fold.state_dict)
+            # a head-only checkpoint needs no backbone: only the head's tensors are stored
+            full = model.cpu() if head_only else self.inputs.full_model(model.cpu())
+            save_checkpoint(
+                folder / f"fold{fold.fold}.pt",
+                full,
+                result.classes,
+                result.preprocessing,
+                self.strategy.backbone,
+                self.strategy.dropout,
+                {"fold": fold.fold},
+                head_only_with_weights=head_only,
+            )
+
+    def fold_table(self, result: CVResult) -> pd.DataFrame:
+        """Return one row per fold: best epoch, validation accuracy and loss, seconds."""
+        return pd.DataFrame(
+            [
+                {
+                    "fold": f.fold,
+                    "val images": len(f.val_indices),
+                    "best epoch": f.best_epoch,
+                    "epochs run": len(f.history),
+                    "val accuracy": f.val_accuracy,
+                    "val loss": f.val_loss,
+                    "seconds": round(f.train_seconds, 2),
+                }
+                for f in result.folds
+            ]
+        ).set_index("fold")
+
+    def summary_table(self, result: CVResult) -> pd.DataFrame:
+        """Return the CV summary (mean and std of validation accuracy and loss) as a table."""
+        s = result.summary()
+        return pd.DataFrame(
+            {
+                "mean": [s["cv_accuracy_mean"], s["cv_loss_mean"]],
+                "std": [s["cv_accuracy_std"], s["cv_loss_std"]],
+            },
+            index=["validation accuracy", "validation loss"],
+        )
+
+    def refit(self, result: CVResult, progress: bool = True) -> dict[str, Any]:
+        """Train on all training data (epochs = mean best CV epoch); log checkpoint and pyfunc model."""
+        from imgcls.serving.pyfunc import log_pyfunc_model
+
+        epochs = result.refit_epochs()
+        model, history, seconds = refit(
+            self.strategy,
+            self.folder,
+            self.data_md5,
+            epochs,
+            self.device,
+            inputs=self.inputs,
+            progress=progress,
+        )
+        if progress:
+            print(
+                f"  refit on {len(self.folder)} images, {epochs} epochs ({seconds:.1f}s)",
+                flush=True,
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(
+                Path(tmp) / "refit.pt",
+                model,
+                result.classes,
+                result.preprocessing,
+                self.strategy.backbone,
+                self.strategy.dropout,
+                {"epochs": epochs, "run_id": self.run_id},
+            )
+            MlflowClient().log_artifact(self.run_id, str(path), "checkpoints")
+            start = time.perf_counter()
+            with tracking.active_run(self.run_id, self.managed):
+                info = log_pyfunc_model(path, self.folder.paths[0])
+            log_seconds = time.perf_counter() - start
+        tracking.log_batch(
+            self.run_id,
+            metrics={
+                "refit_epochs": epochs,
+                "refit_seconds": seconds,
+                "model_log_seconds": log_seconds,
+                "refit_final_train_loss": history[-1]["train_loss"],
+                "refit_final_train_accuracy": history[-1]["train_accuracy"],
+            },
+            tags={"model_uri": info.model_uri},
+        )
+        return {
+            "model_uri": info.model_uri,
+            "epochs": epochs,
+            "seconds": seconds,
+            "final_train_accuracy": history[-1]["train_accuracy"],
+        }
+
+    def finish(self) -> str:
+        """End a by-hand run as FINISHED (the runner ends its own runs); return the run id."""
+        if not self.managed:
+            MlflowClient().set_terminated(self.run_id, "FINISHED")
+        uri = mlflow.get_tracking_uri()
+        print(f"MLflow run {self.run_id} ({self.strategy.run_name}) at {uri}")
+        return self.run_id

@@ -1,0 +1,1 @@
+"""Reporting: figures for the notebooks and the HTML pages in reports/."""

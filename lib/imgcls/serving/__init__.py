@@ -1,0 +1,1 @@
+"""Serving: the MLflow pyfunc model (bytes in, class probabilities out) and the predict CLI."""

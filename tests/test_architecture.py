@@ -1,0 +1,59 @@
+"""The package's layers: imports flow one way (README, "Architecture"), every module in a layer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import imgcls
+from imgcls import LAYERS
+
+PACKAGE = Path(imgcls.__file__).parent
+
+
+def _layer_of(module: str) -> str:
+    """``imgcls.data.cache`` -> ``data``; ``imgcls.tracking`` -> ``tracking``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Every ``imgcls...`` module imported anywhere in the file (lazy imports included)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "imgcls":
+                found += [(node.lineno, f"imgcls.{alias.name}") for alias in node.names]
+            elif node.module.startswith("imgcls."):
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("imgcls.")]
+    return found
+
+
+def test_every_module_belongs_to_a_declared_layer():
+    modules = sorted(PACKAGE.rglob("*.py"))
+    assert modules
+    for path in modules:
+        relative = path.relative_to(PACKAGE)
+        if relative == Path("__init__.py"):
+            continue
+        layer = relative.parts[0].removesuffix(".py")
+        assert layer in LAYERS, f"{relative}: not in a layer of {LAYERS}"
+
+
+def test_imports_flow_one_way():
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if relative == Path("__init__.py"):
+            continue
+        own = relative.parts[0].removesuffix(".py")
+        for line, module in _imports(path):
+            target = _layer_of(module)
+            if target in rank and rank[target] > rank[own]:
+                wrong.append(f"{relative}:{line} ({own}) imports {module} ({target})")
+    assert not wrong, (
+        "imports against the layer order " + " <- ".join(LAYERS) + ":\n" + "\n".join(wrong)
+    )
