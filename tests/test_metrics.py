@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import matplotlib
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from scipy import stats
 
 from imgcls.evaluation import metrics
 from imgcls.reporting import plots
@@ -53,6 +55,35 @@ def test_wilson_32_of_35_by_hand() -> None:
     assert high == pytest.approx(0.9704, abs=1e-4)
     # The Wald interval (0.9143 +- 0.0927) would give 0.8215 / 1.0070: a wrong formula fails.
     assert high < 1.0
+
+
+def _wilson_closed_form(k: int, n: int, confidence: float) -> tuple[float, float]:
+    """The Wilson (1927) score interval as the module computed it before SciPy took over."""
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    phat = k / n
+    denominator = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@pytest.mark.parametrize(
+    ("k", "n"), [(0, 1), (1, 1), (0, 7), (7, 7), (3, 7), (4, 6), (32, 35), (1, 1000), (949, 949)]
+)
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_wilson_equals_closed_form_to_1e_12(k: int, n: int, confidence: float) -> None:
+    low, high = metrics.wilson_interval(k, n, confidence)
+    expected_low, expected_high = _wilson_closed_form(k, n, confidence)
+    assert abs(low - expected_low) <= 1e-12
+    assert abs(high - expected_high) <= 1e-12
+    assert 0.0 <= low <= k / n <= high <= 1.0
+
+
+def test_wilson_rejects_successes_outside_0_to_n() -> None:
+    with pytest.raises(ValueError, match=r"0\.\.10"):
+        metrics.wilson_interval(11, 10)
+    with pytest.raises(ValueError, match=r"0\.\.10"):
+        metrics.wilson_interval(-1, 10)
 
 
 def test_wilson_edges() -> None:
@@ -146,6 +177,92 @@ def test_confusion_shape_and_counts() -> None:
     assert list(frame.columns) == ["predicted: forest", "predicted: sea"]
     assert frame.to_numpy().tolist() == [[3, 1], [1, 1]]
     assert frame.to_numpy().sum() == 6
+
+
+def _random_predictions(
+    seed: int, n: int, n_classes: int, absent: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded labels [n] and probability rows [n, C]; class ``absent`` never occurs in y."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, size=n)
+    if absent is not None:
+        y[y == absent] = (absent + 1) % n_classes
+    logits = rng.normal(size=(n, n_classes)) + 1.5 * np.eye(n_classes)[y]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, p
+
+
+CASES = [(0, 200, 2, None), (1, 97, 3, None), (2, 150, 4, 2), (3, 5, 5, None)]
+
+
+@pytest.mark.parametrize(("seed", "n", "n_classes", "absent"), CASES)
+def test_per_class_scores_and_confusion_equal_counting_by_hand(seed, n, n_classes, absent):
+    y, p = _random_predictions(seed, n, n_classes, absent)
+    predictions = p.argmax(axis=1)
+    classes = [f"c{c}" for c in range(n_classes)]
+    counts = np.zeros((n_classes, n_classes), dtype=int)
+    for truth, guess in zip(y, predictions, strict=True):
+        counts[truth, guess] += 1
+    frame = metrics.confusion(y, predictions, classes)
+    assert frame.to_numpy().tolist() == counts.tolist()
+
+    table = metrics.per_class_table(y, p, classes)
+    scores = metrics.classification_metrics(y, p, classes)
+    for c, name in enumerate(classes):
+        hits = counts[c, c]
+        precision = hits / counts[:, c].sum() if counts[:, c].sum() else 0.0
+        recall = hits / counts[c].sum() if counts[c].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        row = table.loc[name]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx(
+            (precision, recall, f1), abs=1e-15
+        )
+        assert row["support"] == counts[c].sum()
+        assert scores[f"precision_{name}"] == pytest.approx(precision, abs=1e-15)
+        assert scores[f"recall_{name}"] == pytest.approx(recall, abs=1e-15)
+        assert scores[f"f1_{name}"] == pytest.approx(f1, abs=1e-15)
+    present = [c for c in range(n_classes) if counts[c].sum()]
+    balanced = np.mean([counts[c, c] / counts[c].sum() for c in present])
+    assert scores["balanced_accuracy"] == pytest.approx(balanced, abs=1e-15)
+    assert scores["accuracy"] == pytest.approx(np.trace(counts) / n, abs=1e-15)
+    assert scores["macro_f1"] == pytest.approx(table["f1"].mean(), abs=1e-15)
+
+
+def test_a_class_never_true_gives_zero_scores_and_no_warning() -> None:
+    y, p = _random_predictions(2, 150, 4, absent=2)
+    p[:5] = np.eye(4)[2] * 0.9 + 0.025  # five images predicted as the absent class
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = metrics.classification_metrics(y, p, ["a", "b", "c", "d"])
+    assert scores["precision_c"] == 0.0 and scores["recall_c"] == 0.0 and scores["f1_c"] == 0.0
+
+
+def test_empty_input_gives_zero_counts_and_nan_scores() -> None:
+    empty_y, empty_p = np.zeros(0, dtype=int), np.zeros((0, 2))
+    assert metrics.confusion(empty_y, empty_y, CLASSES).to_numpy().tolist() == [[0, 0], [0, 0]]
+    table = metrics.per_class_table(empty_y, empty_p, CLASSES)
+    assert table["support"].tolist() == [0, 0]
+    scores = metrics.classification_metrics(empty_y, empty_p, CLASSES)
+    assert math.isnan(scores["accuracy"]) and math.isnan(scores["balanced_accuracy"])
+    assert math.isnan(scores["accuracy_ci_low"]) and scores["n_images"] == 0
+
+
+@pytest.mark.parametrize(("seed", "n", "n_classes", "absent"), CASES[:3])
+def test_roc_auc_equals_pair_counting(seed, n, n_classes, absent):
+    """ROC AUC = P(score of a positive > score of a negative) + ties / 2 (Hanley & McNeil)."""
+    y, p = _random_predictions(seed, n, n_classes, absent)
+
+    def by_pairs(positive: np.ndarray, score: np.ndarray) -> float:
+        pos, neg = score[positive], score[~positive]
+        greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+        return greater / (pos.size * neg.size)
+
+    if n_classes == 2:
+        expected = by_pairs(y == 1, p[:, 1])
+    else:
+        expected = np.mean([by_pairs(y == c, p[:, c]) for c in range(n_classes) if (y == c).any()])
+    scores = metrics.classification_metrics(y, p, [f"c{c}" for c in range(n_classes)])
+    assert scores["roc_auc"] == pytest.approx(expected, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------- calibration

@@ -8,6 +8,7 @@ probabilities are ``[N, C]`` arrays whose rows sum to one; the prediction is the
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,10 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import (
     average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
     log_loss,
+    precision_recall_fscore_support,
     roc_auc_score,
 )
 
@@ -41,18 +45,18 @@ def _as_inputs(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarra
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Return the Wilson score interval (low, high) for ``successes`` out of ``n``; NaNs if n=0."""
+    """Return the Wilson score interval (low, high) of a proportion ``successes / n``.
+
+    Bounds are fractions in [0, 1], from SciPy's ``binomtest(successes, n).proportion_ci(
+    confidence, method="wilson")`` (Wilson 1927, no continuity correction). Returns NaNs when
+    ``n <= 0``; raises ValueError when ``successes`` is outside ``0..n``.
+    """
     if n <= 0:
         return (math.nan, math.nan)
     if not 0 <= successes <= n:
         raise ValueError(f"successes must lie in 0..{n}, got {successes}")
-    z = float(stats.norm.ppf(0.5 + confidence / 2.0))
-    phat = successes / n
-    z2_n = z * z / n
-    denominator = 1.0 + z2_n
-    centre = (phat + z2_n / 2.0) / denominator
-    half_width = (z / denominator) * math.sqrt(phat * (1.0 - phat) / n + z * z / (4.0 * n * n))
-    return (max(0.0, centre - half_width), min(1.0, centre + half_width))
+    interval = stats.binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
+    return (float(interval.low), float(interval.high))
 
 
 def _binary_roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
@@ -86,26 +90,34 @@ def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def _confusion_counts(y: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
-    """[C, C] counts, rows = true class, columns = predicted class (works for empty input)."""
-    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(counts, (y, predictions), 1)
-    return counts
+    """[C, C] int64 counts, rows = true class, columns = predicted class (zeros for no input)."""
+    if y.size == 0:  # scikit-learn refuses empty input
+        return np.zeros((n_classes, n_classes), dtype=np.int64)
+    return confusion_matrix(y, predictions, labels=np.arange(n_classes)).astype(np.int64)
 
 
 def _precision_recall_f1(
     y: np.ndarray, predictions: np.ndarray, n_classes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class precision, recall, F1 and support; 0/0 counts as 0 (zero_division=0)."""
-    counts = _confusion_counts(y, predictions, n_classes)
-    hits = np.diag(counts).astype(float)
-    predicted = counts.sum(axis=0).astype(float)
-    support = counts.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, hits / predicted, 0.0)
-        recall = np.where(support > 0, hits / support, 0.0)
-        both = precision + recall
-        f1 = np.where(both > 0, 2 * precision * recall / both, 0.0)
-    return precision, recall, f1, support
+    """Per-class precision, recall, F1 (each [C] float) and support ([C] int); 0/0 counts as 0."""
+    if y.size == 0:  # scikit-learn refuses empty input
+        zeros = np.zeros(n_classes)
+        return zeros, zeros.copy(), zeros.copy(), np.zeros(n_classes, dtype=np.int64)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, predictions, labels=np.arange(n_classes), zero_division=0
+    )
+    return precision, recall, f1, np.asarray(support, dtype=np.int64)
+
+
+def _balanced_accuracy(y: np.ndarray, predictions: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y`` (scikit-learn's balanced accuracy).
+
+    scikit-learn warns when a predicted class is absent from ``y`` and leaves that class out,
+    which is the definition used here, so that one warning is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y, predictions))
 
 
 def classification_metrics(
@@ -129,13 +141,7 @@ def classification_metrics(
 
     out: dict[str, float] = {}
     out["accuracy"] = correct / n if n else math.nan
-    if n:
-        # Mean recall over the classes present in y_true (as sklearn's balanced_accuracy_score,
-        # without its warning when a predicted class is absent from y_true).
-        recalls = [(predictions[y == c] == c).mean() for c in np.unique(y)]
-        out["balanced_accuracy"] = float(np.mean(recalls))
-    else:
-        out["balanced_accuracy"] = math.nan
+    out["balanced_accuracy"] = _balanced_accuracy(y, predictions) if n else math.nan
     out["log_loss"] = _log_loss(y, p)
 
     if len(classes) == 2:
@@ -161,7 +167,13 @@ def classification_metrics(
 def per_class_table(
     y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]
 ) -> pd.DataFrame:
-    """Take labels, probabilities and class names; return precision/recall/f1/support per class."""
+    """Take labels [N], probabilities [N, C] and C class names; return a per-class table.
+
+    One row per class name (index ``class``), columns precision, recall, f1 (fractions, 0/0
+    counted as 0) and support (true images of the class), from scikit-learn's
+    ``precision_recall_fscore_support(zero_division=0)`` on the top-1 predictions. Raises
+    ValueError for inputs of the wrong shape.
+    """
     y, p = _as_inputs(y_true, probabilities)
     predictions = p.argmax(axis=1) if y.size else np.zeros(0, dtype=np.int64)
     precision, recall, f1, support = _precision_recall_f1(y, predictions, len(classes))
@@ -177,7 +189,12 @@ def per_class_table(
 
 
 def confusion(y_true: np.ndarray, predictions: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Take true and predicted labels and class names; return the confusion-count DataFrame."""
+    """Take true [N] and predicted [N] labels and C class names; return the [C, C] count table.
+
+    Rows ``true: <class>``, columns ``predicted: <class>``, counts of images from scikit-learn's
+    ``confusion_matrix(labels=0..C-1)`` (all zeros for N = 0). Raises ValueError when the
+    lengths differ or a label lies outside ``0..C-1``.
+    """
     y = np.asarray(y_true).astype(np.int64).reshape(-1)
     yhat = np.asarray(predictions).astype(np.int64).reshape(-1)
     if yhat.shape != y.shape:
