@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from imgcls.data.folders import (
     data_version,
     directory_md5,
     expected_data_md5,
+    fold_assignment_hash,
     is_ignored,
     require_split,
     scan_image_folder,
@@ -159,6 +161,50 @@ def test_folds_are_stratified_seeded_and_reproducible():
         assert per_fold.max() - per_fold.min() <= 1
     with pytest.raises(DataError, match="smallest class has 20"):
         assign_folds(labels, 21, seed=0)
+    with pytest.raises(DataError, match="folds >= 2"):
+        assign_folds(labels, 1, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("counts", "folds"), [((454, 495), 5), ((454, 495), 3), ((7, 6, 5), 4), ((2, 9, 31, 4), 2)]
+)
+def test_folds_partition_every_class_evenly(counts, folds):
+    """The real train split's class sizes (454 forest, 495 sea) and uneven multi-class ones."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    np.random.default_rng(3).shuffle(labels)
+    assignment = assign_folds(labels, folds, seed=42)
+    assert assignment.dtype == np.int64 and assignment.shape == labels.shape
+    assert set(assignment.tolist()) == set(range(folds))  # every sample in exactly one fold
+    sizes = np.bincount(assignment, minlength=folds)
+    assert sizes.max() - sizes.min() <= 1
+    for label, count in enumerate(counts):
+        per_fold = np.bincount(assignment[labels == label], minlength=folds)
+        assert per_fold.sum() == count
+        assert per_fold.max() - per_fold.min() <= 1
+    assert np.array_equal(assignment, assign_folds(labels.copy(), folds, seed=42))
+
+
+def test_fold_assignment_hash_names_which_file_is_in_which_fold():
+    paths_ = ["sea/b.jpg", "forest/a.jpg", "sea/c.jpg"]
+    folds = np.array([1, 0, 1])
+    name = fold_assignment_hash(paths_, folds)
+    lines = "forest/a.jpg\t0\nsea/b.jpg\t1\nsea/c.jpg\t1"
+    assert name == hashlib.sha256(lines.encode()).hexdigest()[:12]
+    assert len(name) == 12 and int(name, 16) >= 0
+    order = [2, 0, 1]  # the listing order does not matter, only the pairs
+    assert fold_assignment_hash([paths_[i] for i in order], folds[order]) == name
+    assert fold_assignment_hash(paths_, np.array([1, 0, 0])) != name  # one file moved
+    assert fold_assignment_hash(["sea/x.jpg", *paths_[1:]], folds) != name  # one file renamed
+    with pytest.raises(ValueError, match="3 paths"):
+        fold_assignment_hash(paths_, folds[:2])
+
+
+def test_fold_assignment_hash_of_a_scanned_folder_follows_the_seed(image_dataset):
+    folder = scan_image_folder(image_dataset / "train")
+    first = fold_assignment_hash(folder.relpaths(), assign_folds(folder.labels, 3, seed=0))
+    again = fold_assignment_hash(folder.relpaths(), assign_folds(folder.labels, 3, seed=0))
+    other = fold_assignment_hash(folder.relpaths(), assign_folds(folder.labels, 3, seed=1))
+    assert first == again != other
 
 
 def test_decoded_cache_is_written_atomically_and_reused(image_dataset, isolated_cache):
