@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from imgcls.core import paths
-from imgcls.core.config import ConfigError, Strategy, check_against_data, load_grid, run_key
+from imgcls.core.config import (
+    ConfigError,
+    Strategy,
+    check_against_data,
+    grid_defaults,
+    load_grid,
+    run_key,
+    strategy_from_dict,
+)
+from imgcls.core.gridfile import read_grid_yaml
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -101,7 +112,7 @@ def test_run_key_changes_with_params_data_and_code():
 
 
 # Strict grid files (YAML 1.2, no duplicate keys, no silent null/date/yes-no surprises). Each
-# message names the file, then the line (duplicates) or the YAML path (values and names).
+# message names the file and the line, then the YAML path (values and names).
 
 
 def refused(tmp_path: Path, text: str) -> str:
@@ -160,14 +171,16 @@ def test_yaml_1_1_boolean_words_are_strategy_names(tmp_path, name):
 
 def test_bool_field_given_yes_is_refused_with_a_hint(tmp_path):
     assert refused(tmp_path, "strategies:\n  s:\n    freeze_backbone: yes\n") == (
-        "grid.yaml:strategies.s.freeze_backbone: expected true or false, got the text 'yes'; "
+        "grid.yaml:3: strategies.s.freeze_backbone: expected true or false, got the text 'yes'; "
         "write true or false"
     )
 
 
 def test_bool_axis_given_off_on_is_refused_with_a_hint(tmp_path):
     assert refused(tmp_path, "strategies:\n  s:\n    augment: [off, on]\n") == (
-        "grid.yaml:strategies.s.augment[0]: expected true or false, got the text 'off'; "
+        "grid.yaml:3: strategies.s.augment[0]: expected true or false, got the text 'off'; "
+        "write true or false\n"
+        "grid.yaml:3: strategies.s.augment[1]: expected true or false, got the text 'on'; "
         "write true or false"
     )
 
@@ -198,7 +211,7 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
 )
 def test_names_yaml_reads_as_non_text_are_refused_with_a_quote_hint(tmp_path, name, reads_as):
     assert refused(tmp_path, f"strategies:\n  {name}:\n    epochs: 3\n") == (
-        f'grid.yaml:strategies.{name}: YAML reads this name as {reads_as}; quote it ("{name}")'
+        f'grid.yaml:2: strategies.{name}: YAML reads this name as {reads_as}; quote it ("{name}")'
     )
     grid = load_grid(write(tmp_path, f'strategies:\n  "{name}":\n    epochs: 3\n'))
     assert grid.names() == [name]
@@ -208,7 +221,7 @@ def test_names_yaml_reads_as_non_text_are_refused_with_a_quote_hint(tmp_path, na
 def test_null_field_value_is_refused_with_a_hint(tmp_path, value, written):
     where = "strategies.s.lr[1]" if value.startswith("[") else "strategies.s.lr"
     assert refused(tmp_path, f"strategies:\n  s:\n    lr: {value}\n") == (
-        f"grid.yaml:{where}: YAML reads '{written}' as null (no value); remove it to keep the "
+        f"grid.yaml:3: {where}: YAML reads '{written}' as null (no value); remove it to keep the "
         f'default, or quote it ("{written}") if you mean the text'
     )
 
@@ -218,14 +231,14 @@ def test_empty_strategy_means_no_deltas_but_an_empty_field_is_refused(tmp_path):
     assert grid.names() == ["s", "t", "u"]
     assert all(p.params() == {**Strategy().params(), "name": p.name} for p in grid.strategies)
     assert refused(tmp_path, "strategies:\n  s:\n    weights:\n") == (
-        "grid.yaml:strategies.s.weights: YAML reads an empty value as null (no value); remove it "
+        "grid.yaml:3: strategies.s.weights: YAML reads an empty value as null (no value); remove it "
         "to keep the default, or write a value"
     )
 
 
 def test_date_field_value_is_refused_with_a_quote_hint(tmp_path):
     assert refused(tmp_path, "defaults:\n  weights: 2024-01-01\nstrategies:\n  s: {}\n") == (
-        'grid.yaml:defaults.weights: YAML reads this value as a date; quote it ("2024-01-01")'
+        'grid.yaml:2: defaults.weights: YAML reads this value as a date; quote it ("2024-01-01")'
     )
 
 
@@ -233,7 +246,7 @@ def test_leading_zero_is_decimal_and_sexagesimal_is_text(tmp_path):
     grid = load_grid(write(tmp_path, "strategies:\n  s:\n    seed: 010\n"))
     assert grid.strategies[0].seed == 10
     assert refused(tmp_path, "strategies:\n  s:\n    epochs: 1:30\n") == (
-        "grid.yaml:strategies.s.epochs: expected int, got str '1:30'"
+        "grid.yaml:3: strategies.s.epochs: expected int, got str '1:30'; write a whole number"
     )
 
 
@@ -242,4 +255,113 @@ def test_a_yaml_1_1_directive_is_refused(tmp_path):
     assert refused(tmp_path, text) == (
         "grid.yaml: the file declares %YAML 1.1; grid files are read as YAML 1.2 "
         "(yes/no/on/off are text, 010 is 10): remove the %YAML line"
+    )
+
+
+# One default strategy: the schema's defaults; strategies.yaml's `defaults:` only overrides them.
+
+
+def test_shipped_grid_defaults_are_only_deliberate_overrides_of_the_schema():
+    """Each key of strategies.yaml's `defaults:` changes the schema default (none repeats it).
+
+    The schema keeps the default that works (tests/test_realdata.py: >= 95 %); the grid states
+    the upstream baseline as overrides, so `baseline: {}` is the schema default plus them.
+    """
+    path = paths.REPO_ROOT / "strategies.yaml"
+    overrides = grid_defaults(read_grid_yaml(path), str(path))
+    assert overrides == {"epochs": 2, "patience": 0, "batch_size": 16, "lr": 1e-5}
+    for key, value in overrides.items():
+        assert value != Strategy.model_fields[key].default, f"defaults.{key} repeats the schema"
+    baseline = load_grid(path, only=["baseline"]).strategies[0]
+    assert baseline == Strategy(name="baseline", **overrides)
+    assert baseline.params() == {**Strategy().params(), **overrides, "name": "baseline"}
+
+
+def test_notebook_02_opened_by_hand_trains_the_schema_default():
+    """The parameters cell of notebook 02, run as it is, gives exactly ``Strategy()``."""
+    notebook = json.loads((paths.notebooks_dir() / "02_train_cv.ipynb").read_text())
+    cell = next(c for c in notebook["cells"] if "parameters" in c["metadata"].get("tags", []))
+    parameters: dict = {}
+    exec("".join(cell["source"]), {}, parameters)
+    parsed = strategy_from_dict({**parameters["strategy"], "name": parameters["strategy_name"]})
+    assert parsed.params() == Strategy().params()
+    assert (parsed.epochs, parsed.lr, parsed.batch_size) == (20, 1e-3, 32)
+
+
+# Schema errors: every problem of a mapping, in file order, each with its line and a fix.
+
+
+def test_every_problem_is_listed_with_its_line_in_file_order(tmp_path):
+    text = "strategies:\n  s:\n    lrr: 0.1\n    augment: [true, 1]\n    backbone: resnet\n"
+    assert refused(tmp_path, text) == (
+        "grid.yaml:3: strategies.s.lrr: unknown key; did you mean 'lr'? allowed keys: backbone, "
+        "weights, freeze_backbone, image_size, folds, seed, epochs, patience, batch_size, "
+        "optimizer, lr, weight_decay, momentum, augment, dropout, min_accuracy, "
+        "use_feature_cache\n"
+        "grid.yaml:4: strategies.s.augment[1]: expected bool, got int 1; write true or false\n"
+        "grid.yaml:5: strategies.s.backbone: unknown backbone 'resnet'; did you mean 'resnet18'? "
+        "allowed: efficientnet_lite0, resnet18"
+    )
+
+
+def test_a_block_list_item_names_its_own_line(tmp_path):
+    text = "defaults:\n  seed: 1\nstrategies:\n  s:\n    lr:\n      - 0.1\n      - -1\n"
+    assert refused(tmp_path, text) == (
+        "grid.yaml:7: strategies.s.lr[1]: learning rate must be > 0, got -1; write a number > 0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (
+            "image_size",
+            "8",
+            "image size (pixels) must be between 32 and 1024, got 8; "
+            "write a whole number between 32 and 1024",
+        ),
+        ("dropout", "1", "dropout must be >= 0 and < 1, got 1; write a number >= 0 and < 1"),
+        (
+            "min_accuracy",
+            "1.5",
+            "min_accuracy must be between 0 and 1, got 1.5; write a number between 0 and 1",
+        ),
+        (
+            "patience",
+            "-1",
+            "patience (epochs without improvement; 0 disables early stopping) "
+            "must be >= 0, got -1; write a whole number >= 0",
+        ),
+        (
+            "lr",
+            '"0.001"',
+            "expected float, got str '0.001'; write a number, unquoted (1e-4 and 0.0001 both work)",
+        ),
+        ("lr", ".nan", "input should be a finite number, got float nan"),
+        ("weights", "1", 'expected str, got int 1; quote it ("1")'),
+        ("optimizer", "rmsprop", "unknown optimizer 'rmsprop'; allowed: adam, adamw, sgd"),
+        ("epochs", "[]", "an empty list gives no grid points; give a value"),
+    ],
+)
+def test_schema_errors_say_what_is_wrong_and_how_to_fix_it(tmp_path, field, value, message):
+    text = f"strategies:\n  s:\n    {field}: {value}\n"
+    assert refused(tmp_path, text) == f"grid.yaml:3: strategies.s.{field}: {message}"
+
+
+def test_a_strategy_given_in_python_is_strict_frozen_and_compared_by_params():
+    with pytest.raises(ValidationError, match="greater_than"):
+        Strategy(lr=-1.0)
+    with pytest.raises(ValidationError, match="extra_forbidden"):
+        Strategy(lrr=0.1)
+    with pytest.raises(ValidationError, match="frozen"):
+        Strategy().lr = 0.1
+    assert isinstance(Strategy(lr=1).lr, float)
+    point = Strategy(extra={"grid_values": {"lr": 0.001}})
+    assert point == Strategy() and hash(point) == hash(Strategy())
+    assert point.run_name == "default-lr=0.001" and "extra" not in point.params()
+    with pytest.raises(ConfigError) as error:
+        strategy_from_dict({"freeze_backbone": "yes", "epochs": 0})
+    assert str(error.value) == (
+        "strategy.freeze_backbone: expected true or false, got the text 'yes'; write true or false"
+        "\nstrategy.epochs: epochs must be >= 1, got 0; write a whole number >= 1"
     )
