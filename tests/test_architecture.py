@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import imgcls
@@ -57,3 +58,16 @@ def test_imports_flow_one_way():
     assert not wrong, (
         "imports against the layer order " + " <- ".join(LAYERS) + ":\n" + "\n".join(wrong)
     )
+
+
+def test_readme_architecture_section_lists_the_layers_in_order():
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    drawn = [line.split()[0] for line in block.splitlines() if re.match(r"^[a-z]+\s{2,}\S", line)]
+    assert tuple(drawn) == LAYERS, f"README draws {drawn}, the package declares {LAYERS}"
+
+
+def test_every_layer_exists():
+    for layer in LAYERS:
+        assert (PACKAGE / layer).is_dir() or (PACKAGE / f"{layer}.py").is_file(), layer

@@ -27,4 +27,4 @@ LAYERS: tuple[str, ...] = (
     "reporting",
     "pipeline",
 )
-RESULT_LAYERS: tuple[str, ...] = ("core", "data", "modeling")
+RESULT_LAYERS: tuple[str, ...] = ("core", "data", "modeling", "evaluation")

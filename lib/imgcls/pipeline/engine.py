@@ -1,0 +1,135 @@
+"""A papermill engine that runs every notebook of a process in one warm kernel.
+
+Starting a kernel and importing torch, timm and MLflow costs 4-5 s per notebook. The
+``imgcls-warm`` engine, registered in papermill's engine registry
+(``papermill.engines.papermill_engines.register``) and chosen with ``engine_name=``, keeps one
+kernel per process and hands it to papermill's own client through nbclient's documented ``km``
+argument. (Not through the ``papermill.engine`` entry point: papermill loads those while its
+``engines`` module is still importing, which this module imports, a circular import.)
+Before each notebook it clears the user namespace with IPython's ``%reset -f``: no variable
+survives from one notebook to the next, and each notebook still reads its inputs from MLflow.
+A failed or interrupted notebook discards the kernel (its process is killed directly, never
+through the interrupted event loop); the next notebook starts a new one.
+
+``IMGCLS_WARM_KERNEL=0`` selects papermill's default engine (a fresh kernel per notebook);
+pool and Dask workers set it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from papermill.engines import NBClientEngine, papermill_engines
+
+from imgcls.core import paths
+
+logger = logging.getLogger(__name__)
+
+ENGINE_NAME = "imgcls-warm"
+KERNEL_NAME = "python3"
+
+_WARM: dict[str, Any] = {}
+atexit.register(lambda: shutdown_kernel())
+
+
+def warm_kernels_enabled() -> bool:
+    """Return False when ``$IMGCLS_WARM_KERNEL`` is 0/false/no (a fresh kernel per notebook)."""
+    return os.environ.get("IMGCLS_WARM_KERNEL", "1").lower() not in ("0", "false", "no")
+
+
+def engine_name() -> str | None:
+    """Return the papermill engine to use: ``imgcls-warm``, or None for papermill's default."""
+    if not warm_kernels_enabled():
+        return None
+    papermill_engines.register(ENGINE_NAME, WarmKernelEngine)
+    return ENGINE_NAME
+
+
+def _kernel_process(km: Any) -> Any:
+    """Return the local kernel's ``Popen`` (None when there is none)."""
+    return getattr(getattr(km, "provisioner", None), "process", None)
+
+
+def shutdown_kernel() -> None:
+    """Kill this process's warm kernel, if one is running, and remove its connection file.
+
+    The kernel process is killed directly: after an interrupt, jupyter_client's own (async)
+    shutdown would run on nbclient's interrupted event loop and can wait forever.
+    """
+    km = _WARM.pop("km", None)
+    client = _WARM.pop("client", None)
+    if km is None:
+        return
+    process = _kernel_process(km)
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.stop_channels()
+    with contextlib.suppress(OSError, TypeError):
+        Path(km.connection_file).unlink(missing_ok=True)
+
+
+def warm_kernel(kernel_name: str = KERNEL_NAME) -> Any:
+    """Return this process's running kernel manager, starting (or restarting) the kernel if needed."""
+    from jupyter_client.manager import KernelManager
+
+    km = _WARM.get("km")
+    process = _kernel_process(km)
+    if process is not None and process.poll() is None and km.kernel_name == kernel_name:
+        return km
+    shutdown_kernel()
+    km = KernelManager(kernel_name=kernel_name)
+    km.start_kernel(cwd=str(paths.notebooks_dir()))
+    logger.info("started warm kernel %s (pid %s)", kernel_name, _kernel_process(km).pid)
+    _WARM["km"] = km
+    return km
+
+
+def reset_namespace(km: Any) -> None:
+    """Clear every user variable and cached output of a warm kernel (IPython's ``%reset -f``).
+
+    One client per warm kernel is kept open (a new one waits ~0.2 s for the kernel to answer). It
+    has its own session, so its replies are never routed to papermill's client or vice versa.
+
+    Raises:
+        RuntimeError: the kernel did not run the reset.
+    """
+    from jupyter_client.blocking import BlockingKernelClient
+
+    client = _WARM.get("client")
+    if client is None:
+        client = BlockingKernelClient(connection_file=km.connection_file)
+        client.load_connection_file()
+        client.start_channels()
+        client.wait_for_ready(timeout=120)
+        _WARM["client"] = client
+    reply = client.execute_interactive(
+        "%reset -f", timeout=120, store_history=False, output_hook=lambda message: None
+    )
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"could not reset the kernel namespace: {reply['content']}")
+
+
+class WarmKernelEngine(NBClientEngine):
+    """papermill's nbclient engine, run in this process's warm kernel after ``%reset -f``."""
+
+    @classmethod
+    def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, **kwargs: Any) -> Any:
+        """Execute ``nb_man``'s notebook in the warm kernel; discard the kernel on any failure."""
+        km = warm_kernel(kernel_name)
+        try:
+            reset_namespace(km)
+            result = super().execute_managed_notebook(nb_man, kernel_name, km=km, **kwargs)
+        except BaseException:
+            shutdown_kernel()
+            raise
+        if nb_man.nb.metadata.get("papermill", {}).get("exception"):
+            shutdown_kernel()  # a failed cell may leave state (or a busy kernel) behind
+        return result

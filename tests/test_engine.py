@@ -1,0 +1,83 @@
+"""The warm-kernel papermill engine: one kernel per process, nothing shared between notebooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+from imgcls.pipeline import engine
+
+
+def _notebook(path: Path, *sources: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    nbformat.write(nb, path)
+    return path
+
+
+def _run(source: Path, output: Path) -> dict:
+    """Execute with the warm engine; return the JSON the notebook's last cell printed."""
+    papermill.execute_notebook(
+        str(source), str(output), engine_name=engine.engine_name(), progress_bar=False
+    )
+    cells = nbformat.read(output, as_version=4).cells
+    return json.loads(cells[-1].outputs[-1]["text"])
+
+
+REPORT = "import json, os\nprint(json.dumps({'pid': os.getpid(), 'names': sorted(n for n in globals() if n.startswith('secret'))}))"
+
+
+@pytest.fixture
+def warm(monkeypatch):
+    monkeypatch.setenv("IMGCLS_WARM_KERNEL", "1")
+    yield
+    engine.shutdown_kernel()
+
+
+def test_papermill_resolves_the_engine_name_to_the_warm_engine(monkeypatch):
+    from papermill.engines import papermill_engines
+
+    monkeypatch.setenv("IMGCLS_WARM_KERNEL", "1")
+    assert papermill_engines.get_engine(engine.engine_name()) is engine.WarmKernelEngine
+
+
+def test_second_notebook_reuses_the_kernel_but_sees_no_variable_of_the_first(tmp_path, warm):
+    first = _notebook(tmp_path / "a.ipynb", "secret_value = 41", REPORT)
+    second = _notebook(tmp_path / "b.ipynb", REPORT)
+    one = _run(first, tmp_path / "a_out.ipynb")
+    two = _run(second, tmp_path / "b_out.ipynb")
+    assert one["names"] == ["secret_value"]
+    assert two["names"] == [], "a variable survived into the next notebook"
+    assert one["pid"] == two["pid"], "the warm kernel was not reused"
+
+
+def test_a_failed_notebook_discards_the_kernel_and_names_the_cell(tmp_path, warm):
+    before = _run(_notebook(tmp_path / "a.ipynb", REPORT), tmp_path / "a_out.ipynb")
+    failing = _notebook(tmp_path / "bad.ipynb", "x = 1", "raise KeyError('no such class')")
+    with pytest.raises(papermill.PapermillExecutionError) as failure:
+        papermill.execute_notebook(
+            str(failing),
+            str(tmp_path / "bad_out.ipynb"),
+            engine_name=engine.engine_name(),
+            progress_bar=False,
+        )
+    assert failure.value.ename == "KeyError" and "no such class" in failure.value.evalue
+    assert failure.value.cell_index == 1
+    after = _run(_notebook(tmp_path / "c.ipynb", REPORT), tmp_path / "c_out.ipynb")
+    assert after["pid"] != before["pid"], "a kernel that ran a failed notebook was reused"
+
+
+def test_fresh_kernels_use_papermills_default_engine(monkeypatch):
+    monkeypatch.setenv("IMGCLS_WARM_KERNEL", "0")
+    assert engine.engine_name() is None
+    monkeypatch.setenv("IMGCLS_WARM_KERNEL", "1")
+    assert engine.engine_name() == engine.ENGINE_NAME
