@@ -223,3 +223,23 @@ def test_large_jpeg_decoded_in_draft_mode_matches_the_full_decode(tmp_path):
     )[:, 40:200]
     assert drafted.shape == (160, 160, 3)
     assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 3
+
+
+def test_evaluation_and_serving_give_the_same_probabilities_on_a_folder(tmp_path, monkeypatch):
+    """Test-set evaluation (decoded cache, batches) and the served model: one preprocessing."""
+    from imgcls.evaluation.evaluate import predict_folder
+    from imgcls.modeling.models import build_classifier
+    from imgcls.serving.pyfunc import predict_images
+
+    root = tmp_path / "data" / "test"
+    write_dataset(root, {"forest": 3, "sea": 3}, size=90)
+    wide = root / "sea" / "sea_000.jpg"
+    Image.open(wide).resize((150, 90)).save(wide, quality=90)  # the centre crop matters too
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
+    folder = scan_image_folder(root)
+    model, prep = build_classifier("resnet18", "none", 64, 2, 0.0, seed=3)
+    evaluated = predict_folder(model, prep, folder, "parity-version", device="cpu", batch_size=4)
+    served = predict_images(model, folder.classes, prep, [file_value(p) for p in folder.paths])
+    columns = [f"prob_{name}" for name in folder.classes]
+    assert evaluated.shape == (6, 2)
+    np.testing.assert_allclose(served[columns].to_numpy(), evaluated, rtol=0, atol=1e-6)
