@@ -8,6 +8,7 @@ its version gets the alias ``champion``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,13 @@ from imgcls import tracking
 from imgcls.core import names
 from imgcls.evaluation import metrics
 
+logger = logging.getLogger(__name__)
+
 CHAMPION_ALIAS = "champion"
+# MLflow param of a grid-point run naming its folds (imgcls.data.folders.fold_assignment_hash):
+# fold scores of two runs are paired only when both carry the same value.
+PARAM_FOLD_ASSIGNMENT = "fold_assignment"
+SIGNIFICANCE_COLUMNS = ["mean_difference", "t", "p_value", "pairing"]
 
 
 @dataclass
@@ -80,17 +87,44 @@ class GridComparison:
             return self.runs[column].astype(float)
         return pd.Series(np.nan, index=self.runs.index)
 
-    def fold_scores(self, metric: str = "fold_val_accuracy") -> dict[str, list[float]]:
-        """Return per-fold validation accuracy (fold order) for each grid point."""
-        if ("fold_scores", metric) in self._memo:
-            return self._memo[("fold_scores", metric)]
-        client = MlflowClient()
-        scores = {}
-        for point, run_id in self.runs["run_id"].items():
-            history = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)
-            scores[point] = [m.value for m in history]
-        self._memo[("fold_scores", metric)] = scores
-        return scores
+    def fold_assignments(self) -> dict[str, str | None]:
+        """Return each grid point's ``params.fold_assignment`` (None where the run has none)."""
+        column = f"params.{PARAM_FOLD_ASSIGNMENT}"
+        values = self.runs.get(column, {})
+        return {
+            point: value if isinstance(value := values.get(point), str) and value else None
+            for point in self.runs.index
+        }
+
+    def fold_scores(
+        self, metric: str = "fold_val_accuracy", same_folds_as: str | None = None
+    ) -> dict[str, list[float]]:
+        """Return per-fold ``metric`` values (fractions, in fold order) for each grid point.
+
+        With ``same_folds_as`` (a grid point), only the points whose runs carry that point's
+        ``params.fold_assignment`` are returned (none when it has no such param): fold k of
+        two such points scored the same images, so their lists may be paired by index.
+        Raises KeyError for a ``same_folds_as`` that is not a grid point of this grid.
+        """
+        if ("fold_scores", metric) not in self._memo:
+            client = MlflowClient()
+            scores = {}
+            for point, run_id in self.runs["run_id"].items():
+                history = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)
+                scores[point] = [m.value for m in history]
+            self._memo[("fold_scores", metric)] = scores
+        scores = self._memo[("fold_scores", metric)]
+        if same_folds_as is None:
+            return dict(scores)
+        assignments = self.fold_assignments()
+        if same_folds_as not in assignments:
+            raise KeyError(f"{same_folds_as!r} is not a grid point of grid {self.grid_id}")
+        reference = assignments[same_folds_as]
+        return {
+            point: values
+            for point, values in scores.items()
+            if reference is not None and assignments[point] == reference
+        }
 
     def curves(self, metric: str = "val_accuracy") -> dict[str, list[dict[str, float]]]:
         """Return, per grid point, the per-epoch mean of ``metric`` over its fold child runs."""
@@ -136,6 +170,7 @@ class GridComparison:
         )
         significance = self.significance()
         table["p_value_vs_best"] = significance["p_value"]
+        table["pairing_vs_best"] = significance["pairing"]
         table["is_champion"] = table.index == self.champion()
         return table.sort_values("cv_accuracy_mean", ascending=False)
 
@@ -165,6 +200,7 @@ class GridComparison:
                 "train s": t["train_seconds"].round(1),
                 "img/s": t["images_per_second"].round(0),
                 "p vs champion": t["p_value_vs_best"].round(4),
+                "paired on": t["pairing_vs_best"],
                 "gate": t["gate"],
                 "champion": t["is_champion"].map({True: "★", False: ""}),
             },
@@ -183,18 +219,46 @@ class GridComparison:
         return metrics.choose_champion(candidates)
 
     def significance(self) -> pd.DataFrame:
-        """Return the corrected resampled t-test of the champion against every other point."""
-        scores = self.fold_scores()
+        """Return the corrected resampled t-test of the champion against every other grid point.
+
+        One row per grid point: mean_difference (champion - other, mean fold accuracy as a
+        fraction), t, p_value (two-sided; :func:`imgcls.evaluation.metrics.compare_to_best`,
+        Nadeau & Bengio 2003) and pairing, a sentence saying which folds were paired or why the
+        point is not comparable. Fold scores are paired by fold index only between runs whose
+        ``params.fold_assignment`` is equal; a point with a different or missing assignment, or
+        another number of folds, gets NaNs and its reason. n_train / n_test per fold come from
+        the champion's ``n_train_images`` metric split into k folds.
+        """
         best = self.champion()
-        n_images = self._metric("n_train_images")
-        n_total = float(n_images.dropna().iloc[0]) if n_images.notna().any() else 0.0
-        k = max(len(v) for v in scores.values()) if scores else 0
-        comparable = {p: s for p, s in scores.items() if len(s) == len(scores[best]) and len(s) > 1}
-        if best not in comparable or not n_total or k < 2:
-            return pd.DataFrame({"p_value": np.nan}, index=self.runs.index)
-        n_test = n_total / k
-        result = metrics.compare_to_best(comparable, best, int(n_total - n_test), int(n_test))
-        return result.reindex(self.runs.index)
+        scores = self.fold_scores()
+        assignments = self.fold_assignments()
+        reference, k = assignments[best], len(scores[best])
+        n_total = float(self._metric("n_train_images").get(best, np.nan))
+        pairing = {best: "champion (the reference)"}
+        paired = []
+        for point in self.runs.index.drop(best):
+            reason = _why_not_paired(assignments[point], reference, len(scores[point]), k, n_total)
+            if reason is None:
+                paired.append(point)
+                pairing[point] = f"same folds ({PARAM_FOLD_ASSIGNMENT} {reference})"
+            else:
+                pairing[point] = f"not comparable: {reason}"
+        frame = pd.DataFrame(np.nan, index=self.runs.index, columns=SIGNIFICANCE_COLUMNS[:3])
+        if paired:
+            n_test = n_total / k
+            result = metrics.compare_to_best(
+                {p: scores[p] for p in [best, *paired]}, best, int(n_total - n_test), int(n_test)
+            )
+            frame.loc[paired] = result.loc[paired, SIGNIFICANCE_COLUMNS[:3]].to_numpy()
+        frame["pairing"] = pd.Series(pairing)
+        if len(paired) < len(self.runs) - 1:
+            logger.info(
+                "grid %s: grid points not compared with the champion %s: %s",
+                self.grid_id,
+                best,
+                "; ".join(f"{p}: {t}" for p, t in pairing.items() if t.startswith("not")),
+            )
+        return frame
 
     def champion_sentence(self) -> str:
         """Return a sentence naming the champion and why, with its test score."""
@@ -259,3 +323,27 @@ def _current_champion(client: MlflowClient, name: str) -> Any:
         return client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def _why_not_paired(
+    own: str | None, reference: str | None, n_scores: int, k: int, n_total: float
+) -> str | None:
+    """Return why a point's fold scores cannot be paired with the champion's, None if they can.
+
+    ``own`` / ``reference``: the point's and the champion's fold assignment (None if unknown);
+    ``n_scores`` / ``k``: their numbers of fold scores; ``n_total``: the champion's
+    ``n_train_images`` (NaN if not logged).
+    """
+    if reference is None:
+        return f"the champion's run has no params.{PARAM_FOLD_ASSIGNMENT}, so its folds are unknown"
+    if own is None:
+        return f"the run has no params.{PARAM_FOLD_ASSIGNMENT}, so its folds are unknown"
+    if own != reference:
+        return f"other folds ({PARAM_FOLD_ASSIGNMENT} {own}, champion {reference})"
+    if n_scores != k:
+        return f"{n_scores} fold scores, the champion has {k}"
+    if k < 2:
+        return f"{k} fold score(s), the t-test needs 2"
+    if not n_total > 0:
+        return "the champion's run has no n_train_images metric"
+    return None
