@@ -208,7 +208,7 @@ def test_dry_run_and_bad_grid_fail_before_anything_runs(grid_run, tmp_path):
     bad.write_text("strategies:\n  s:\n    lr: -1\n")
     result = run_cli(["--grid", str(bad), "--data-dir", str(grid_run["data"])], grid_run["env"])
     assert result.returncode == 2
-    assert f"{bad}:strategies.s.lr: learning rate must be > 0" in result.stderr
+    assert f"{bad}:3: strategies.s.lr: learning rate must be > 0" in result.stderr
     too_many = tmp_path / "folds.yaml"
     too_many.write_text("strategies:\n  s:\n    folds: 11\n")
     result = run_cli(
