@@ -1,21 +1,29 @@
-"""MLflow: tracking URI, experiments, lineage tags, batched metrics, run lookup and clean-up."""
+"""MLflow: tracking URI, experiments, lineage (tags, datasets, logged models), run clean-up."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModel, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+)
 
 import imgcls
 from imgcls.core import paths
@@ -29,6 +37,21 @@ TAG_GRID_POINT = "grid_point"
 TAG_COMPLETE = "pipeline_complete"
 TAG_RUNNER = "runner"  # host:pid of the process that owns a RUNNING run
 TAG_KIND = "run_kind"  # grid_point | fold | data | comparison
+# Runner-only tags: who owns a RUNNING run, and "the runner finished both notebooks".
+RUNNER_TAGS = (TAG_RUNNER, TAG_COMPLETE)
+MODEL_NAME = "model"  # the refit pyfunc model's name inside its grid-point run
+
+# MLflow 3's UI opens an experiment on its runs (not the GenAI overview) when it carries this
+# tag. Key and value are the UI's: mlflow/server/js (ExperimentKind.CUSTOM_MODEL_DEVELOPMENT =
+# "custom_model_development", read from tag "mlflow.experimentKind"); MLflow's own demo data sets
+# the tag the same way (mlflow/demo/generators/traces.py).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Where a grid point's identity was written from: (mlflow.source.name, mlflow.source.type).
+SOURCE_RUNNER = ("run_experiments.py", "LOCAL")
+SOURCE_NOTEBOOK = ("notebooks/02_train_cv.ipynb", "NOTEBOOK")
+
+logger = logging.getLogger(__name__)
 
 # A tracking server that does not answer should fail a run in seconds, not after MLflow's
 # default of 7 retries with 120 s timeouts. Applied by configure(), unless the user set them.
@@ -90,11 +113,14 @@ def _store_error(exc: BaseException) -> bool:
 def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
     """Return the id of experiment ``name``, creating it (local artifact folder for SQLite).
 
+    The experiment carries :data:`EXPERIMENT_KIND_TAG` = :data:`EXPERIMENT_KIND` (added to an
+    older experiment that lacks it), so ``mlflow ui`` shows it as a model-training experiment.
     Raises TrackingError, naming the tracking URI, when the store cannot be opened (unknown URI
     scheme, a SQLite file or folder that cannot be created, an MLflow server error) or when the
     experiment exists but is deleted.
     """
     uri = mlflow.get_tracking_uri()
+    kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     try:
         client = MlflowClient()
         experiment = client.get_experiment_by_name(name)
@@ -103,11 +129,15 @@ def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
             if uri.startswith("sqlite:"):
                 location = paths.default_artifact_root().as_uri()
             try:
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(name, artifact_location=location, tags=kind)
             except mlflow.exceptions.MlflowException:
                 experiment = client.get_experiment_by_name(name)  # created by another worker?
                 if experiment is None:
                     raise
+        if experiment.lifecycle_stage != "deleted" and EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
     except Exception as exc:
         if not _store_error(exc):
             raise
@@ -122,7 +152,11 @@ def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
 
 
 def git_info() -> dict[str, str]:
-    """Return ``{"git_commit", "git_dirty"}`` of the repository ("unknown" outside git)."""
+    """Return the repository's commit and dirty flag as run tags ("unknown" outside git).
+
+    Keys: ``git_commit``, ``git_dirty`` (ours) and MLflow's own ``mlflow.source.git.commit``
+    (:data:`mlflow.utils.mlflow_tags.MLFLOW_GIT_COMMIT`), which the run page shows as "Source".
+    """
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -133,8 +167,10 @@ def git_info() -> dict[str, str]:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+        commit, dirty_flag = "unknown", "unknown"
+    else:
+        dirty_flag = str(dirty).lower()
+    return {"git_commit": commit, "git_dirty": dirty_flag, MLFLOW_GIT_COMMIT: commit}
 
 
 # Notebooks whose code computes a grid point's numbers (01 audits the data, 04 compares runs).
@@ -291,23 +327,24 @@ def log_batch(
     tags: dict[str, Any] | None = None,
     step: int = 0,
 ) -> None:
-    """Log metrics, params and tags in as few requests as possible (MLflow batch limits respected)."""
-    client = MlflowClient()
+    """Log metrics, params and tags of one run in as few requests as MLflow allows.
+
+    ``MlflowClient.log_batch`` splits them into the store's limits itself (100 params/tags and
+    1000 entities per request: ``mlflow.tracking._tracking_service.client.TrackingServiceClient
+    .log_batch`` with ``mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH``). Metric timestamps
+    are milliseconds since the epoch; raises MlflowException when the store refuses a value.
+    """
     now = int(time.time() * 1000)
-    metric_list = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
-    param_list = [Param(k, str(v)) for k, v in (params or {}).items()]
-    tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for start in range(0, max(len(metric_list), len(param_list), len(tag_list), 1), 100):
-        client.log_batch(
-            run_id,
-            metrics=metric_list[start : start + 100],
-            params=param_list[start : start + 100],
-            tags=tag_list[start : start + 100],
-        )
+    MlflowClient().log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
 
 
 def log_history(run_id: str, history: list[dict[str, float]]) -> None:
-    """Log per-epoch metrics of one fold with ``step`` = epoch, in batches."""
+    """Log per-epoch metrics of one fold with ``step`` = epoch (MLflow batches the requests)."""
     now = int(time.time() * 1000)
     metrics = [
         Metric(name, float(value), now, int(record["epoch"]))
@@ -315,9 +352,7 @@ def log_history(run_id: str, history: list[dict[str, float]]) -> None:
         for name, value in record.items()
         if name != "epoch"
     ]
-    client = MlflowClient()
-    for start in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[start : start + 500])
+    MlflowClient().log_batch(run_id, metrics=metrics)
 
 
 @contextlib.contextmanager
@@ -344,12 +379,17 @@ def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) 
     return Path(local)
 
 
-def lineage_tags(strategy: Strategy, data_md5: str, grid_id: str = "by-hand") -> dict[str, str]:
+def lineage_tags(
+    strategy: Strategy, data_md5: str, grid_id: str = "by-hand", code: str | None = None
+) -> dict[str, str]:
     """Return the tags every grid-point run carries: grid id, run key, strategy, git, data md5.
 
-    (Here rather than in imgcls.pipeline.session so that the runner never imports torch: 0.5 GB of RSS.)
+    ``code`` is the :func:`code_version` the run key is computed with (default: this checkout's).
+    The run name is not a tag here: it is given to ``MlflowClient.create_run(run_name=...)``.
+    (Here rather than in imgcls.pipeline.session so that the runner never imports torch: 0.5 GB
+    of RSS.)
     """
-    code = code_version()
+    code = code or code_version()
     return {
         TAG_GRID_ID: grid_id,
         TAG_RUN_KEY: run_key(strategy, data_md5, code),
@@ -358,6 +398,94 @@ def lineage_tags(strategy: Strategy, data_md5: str, grid_id: str = "by-hand") ->
         TAG_KIND: "grid_point",
         "code_version": code,
         "data_md5": data_md5,
-        "mlflow.runName": strategy.run_name,
         **git_info(),
     }
+
+
+IDENTITY_TAGS = (
+    TAG_GRID_ID,
+    TAG_RUN_KEY,
+    TAG_STRATEGY,
+    TAG_GRID_POINT,
+    TAG_KIND,
+    "code_version",
+    "data_md5",
+    "git_commit",
+    "git_dirty",
+    MLFLOW_GIT_COMMIT,
+)
+
+
+def log_grid_point_identity(
+    run_id: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    source: tuple[str, str] = SOURCE_NOTEBOOK,
+) -> None:
+    """Write a grid-point run's params and lineage tags: the one writer, once per run.
+
+    ``params`` is ``Strategy.params()``, ``tags`` is :func:`lineage_tags` of the same strategy;
+    ``source`` is ``(mlflow.source.name, mlflow.source.type)``: :data:`SOURCE_RUNNER` when the
+    runner created the run, :data:`SOURCE_NOTEBOOK` when notebook 02 was opened by hand. Raises
+    ValueError naming the missing keys when ``tags`` lacks one of :data:`IDENTITY_TAGS`.
+    """
+    missing = [key for key in IDENTITY_TAGS if key not in tags]
+    if missing:
+        raise ValueError(
+            f"run {run_id}: lineage tags {missing} missing; build them with "
+            "imgcls.tracking.lineage_tags(strategy, data_md5, grid_id)"
+        )
+    log_batch(run_id, params=dict(params), tags={**tags, **source_tags(source)})
+
+
+def source_tags(source: tuple[str, str]) -> dict[str, str]:
+    """Return MLflow's ``mlflow.source.name`` / ``mlflow.source.type`` tags for ``(name, type)``.
+
+    ``type`` is an :class:`mlflow.entities.SourceType` name (NOTEBOOK, JOB, PROJECT, LOCAL).
+    """
+    name, kind = source
+    return {MLFLOW_SOURCE_NAME: name, MLFLOW_SOURCE_TYPE: kind}
+
+
+def split_dataset(name: str, folder: str | Path, digest: str) -> Dataset:
+    """Return the MLflow dataset of one labelled folder (a split such as train or test).
+
+    ``digest`` is its data version (:func:`imgcls.data.folders.data_version` of the folder: the
+    DVC directory md5, 36 characters, the store's limit); the source is the folder's absolute
+    path (source type ``local``). Only metadata is recorded, never the images.
+    """
+    source = LocalArtifactDatasetSource(str(Path(folder).resolve()))
+    return Dataset(name=name, digest=digest, source_type="local", source=source.to_json())
+
+
+def log_datasets(run_id: str, datasets: list[Dataset], context: str) -> None:
+    """Record datasets as inputs of a run, with ``mlflow.data.context`` = ``context``.
+
+    ``context`` is ``training`` for the data a model was fitted on, ``evaluation`` for data it
+    was scored on. Logging the same (name, digest) to a run again adds nothing.
+    """
+    tag = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    inputs = [DatasetInput(dataset, tag) for dataset in datasets]
+    MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+def logged_model(run_id: str, name: str = MODEL_NAME) -> LoggedModel:
+    """Return the LoggedModel ``name`` that run ``run_id`` logged (the newest, if several).
+
+    Looked up with ``MlflowClient.search_logged_models`` (``source_run_id`` and ``name``), so
+    no hand-written tag is needed. Raises TrackingError naming the run when it logged none.
+    """
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    models = client.search_logged_models(
+        [run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        max_results=1,
+    )
+    if not models:
+        raise TrackingError(
+            f"run {run_id} has no logged model {name!r}; its training (notebook 02's refit) "
+            "did not finish: re-run the grid point"
+        )
+    return models[0]

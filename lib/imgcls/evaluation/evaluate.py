@@ -1,8 +1,11 @@
 """What notebook 03 does: score a strategy's refit model (and its fold models) on labelled folders.
 
-The model comes from MLflow (the parent run's checkpoints), never from notebook state. Results
-are logged to that parent run: ``test_*`` metrics for ``data/test`` and ``<name>_*`` metrics for
-each extra evaluation folder, the quality gate as tags and metrics.
+The model comes from MLflow (the parent run's checkpoints and its LoggedModel), never from
+notebook state. Results are logged to that parent run: ``test_*`` metrics for ``data/test`` and
+``<name>_*`` metrics for each extra evaluation folder, the quality gate as tags and metrics. Each
+scored folder is a dataset input of the run (context ``evaluation``, digest = its data version)
+and its metrics are linked to the refit LoggedModel and that dataset, so the model's page in
+``mlflow ui`` lists them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -57,6 +61,7 @@ class EvaluationResult:
     probabilities: np.ndarray
     scores: dict[str, float]
     data_md5: str
+    dataset: mlflow.entities.Dataset | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -144,6 +149,7 @@ class EvaluationSession:
     params: dict[str, str]
     checkpoint_dir: Path
     device: str | None = None
+    model_id: str | None = None
 
     @classmethod
     def start(
@@ -157,7 +163,9 @@ class EvaluationSession:
         """Find the run (given id, or the latest finished training run) and load its refit model.
 
         The run's checkpoints are downloaded to a temporary folder that is deleted when the
-        session is garbage-collected (or the process exits).
+        session is garbage-collected (or the process exits). The refit model's LoggedModel is
+        looked up by source run (:func:`imgcls.tracking.logged_model`); raises TrackingError
+        when the run has none (its training did not finish).
         """
         set_threads(torch_threads)
         tracking.configure(tracking_uri)
@@ -165,10 +173,12 @@ class EvaluationSession:
             experiment_name, f"tags.{tracking.TAG_KIND} = 'grid_point'"
         )
         run = MlflowClient().get_run(run_id)
+        model_id = tracking.logged_model(run_id).model_id
         target = Path(tempfile.mkdtemp(prefix="eval-"))
         checkpoint_dir = tracking.download_artifact(run_id, "checkpoints", target)
         model, classes, prep, _ = load_checkpoint(checkpoint_dir / "refit.pt")
-        session = cls(run_id, model, classes, prep, dict(run.data.params), checkpoint_dir, device)
+        params = dict(run.data.params)
+        session = cls(run_id, model, classes, prep, params, checkpoint_dir, device, model_id)
         weakref.finalize(session, shutil.rmtree, target, True)
         return session
 
@@ -183,15 +193,35 @@ class EvaluationSession:
         return scanned
 
     def evaluate(self, folder: ImageFolder, name: str = "test") -> EvaluationResult:
-        """Score the refit model on ``folder``; log ``<name>_*`` metrics to the run."""
+        """Score the refit model on ``folder``; log ``<name>_*`` metrics to the run.
+
+        The folder is logged as dataset ``name`` (context ``evaluation``, digest = its data
+        version) and the metrics are linked to the refit LoggedModel and that dataset
+        (``mlflow.log_metrics(model_id=..., dataset=...)``).
+        """
         md5 = data_version(folder.root)
         probs = predict_folder(self.model, self.prep, folder, md5, self.device)
         scores = metrics.classification_metrics(folder.labels, probs, self.classes)
         prefix = metric_prefix(name)
         logged = {f"{prefix}_{k}": v for k, v in scores.items() if np.isfinite(v)}
         logged[f"{prefix}_skipped_images"] = len(folder.skipped)
-        tracking.log_batch(self.run_id, metrics=logged, tags={f"{prefix}_data_md5": md5})
-        return EvaluationResult(name, folder, probs, scores, md5)
+        dataset = tracking.split_dataset(name, folder.root, md5)
+        tracking.log_datasets(self.run_id, [dataset], "evaluation")
+        self._log_model_metrics(logged, dataset)
+        tracking.log_batch(self.run_id, tags={f"{prefix}_data_md5": md5})
+        return EvaluationResult(name, folder, probs, scores, md5, dataset)
+
+    def _log_model_metrics(
+        self, values: dict[str, float], dataset: mlflow.entities.Dataset | None
+    ) -> None:
+        """Log metrics to the run, linked to the refit LoggedModel and ``dataset``."""
+        mlflow.log_metrics(
+            {k: float(v) for k, v in values.items()},
+            run_id=self.run_id,
+            model_id=self.model_id,
+            dataset=dataset,
+            synchronous=True,
+        )
 
     def evaluate_test(
         self, data_dir: str | None = None, skip_bad_images: bool = False
@@ -267,13 +297,16 @@ class EvaluationSession:
             min_accuracy if min_accuracy is not None else self.params.get("min_accuracy", 0.70)
         )
         verdict = metrics.quality_gate(result.scores["accuracy"], threshold)
-        tracking.log_batch(
-            self.run_id,
-            metrics={
+        self._log_model_metrics(
+            {
                 "gate_passed": float(verdict["passed"]),
                 "gate_min_accuracy": threshold,
                 "gate_margin": verdict["margin"],
             },
+            result.dataset,
+        )
+        tracking.log_batch(
+            self.run_id,
             tags={
                 "quality_gate": "passed" if verdict["passed"] else "failed",
                 "quality_gate_message": verdict["message"],

@@ -85,8 +85,8 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
                 f"runner's {task['expected_data_md5']}; run `dvc pull` there",
             }
     client = MlflowClient()
-    tags = {**task["tags"], tracking.TAG_RUNNER: tracking.runner_identity()}
-    run = client.create_run(task["experiment_id"], tags=tags)
+    tags = {tracking.TAG_RUNNER: tracking.runner_identity()}
+    run = client.create_run(task["experiment_id"], run_name=task["run_name"], tags=tags)
     run_id = run.info.run_id
     out_dir = Path(task["out_dir"])
     timings: dict[str, float] = {}
@@ -98,7 +98,8 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
             {
                 **common,
                 "strategy": task["strategy"],
-                "strategy_name": task["name"],
+                # the grid point's full name (e.g. learning_rate-lr=0.001): reports keep it
+                "strategy_name": task["run_name"],
                 "parent_run_id": run_id,
             },
         ),
@@ -109,16 +110,18 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
     ]
     pending: list[Future] = []
     try:
-        tracking.log_batch(run_id, params=task["params"])
+        tracking.log_grid_point_identity(
+            run_id, task["params"], task["tags"], tracking.SOURCE_RUNNER
+        )
         for name, parameters in steps:
             output = out_dir / f"{name}.ipynb"
             step_start = time.perf_counter()
             log(f"{task['run_name']}: {name} started (run {run_id})")
             try:
                 timings[f"{name}_seconds"] = execute(name, output, parameters)
-            except Exception as exc:  # papermill marks the failing cell in the output notebook
+            except Exception as exc:
                 status = "FAILED"
-                error = failed_cell(output) or f"{type(exc).__name__}: {exc}"[:500]
+                error = failure_line(exc, output)
                 log(f"{task['run_name']}: {name} FAILED: {error}", step_start)
                 break
             finally:
@@ -151,6 +154,20 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
         "error": error,
         "timings": timings,
     }
+
+
+def failure_line(exc: Exception, output: Path) -> str:
+    """Return one line (at most 500 characters) saying why a notebook failed.
+
+    For papermill's ``PapermillExecutionError`` its own fields name the cell: ``cell <index>:
+    <exception class>: <message>``; for any other exception the executed notebook's first error
+    output (:func:`imgcls.pipeline.notebooks.failed_cell`) or else the exception itself.
+    """
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        return f"cell {exc.cell_index}: {exc.ename}: {exc.evalue}"[:500]
+    return failed_cell(output) or f"{type(exc).__name__}: {exc}"[:500]
 
 
 _PUBLISHER: list[ThreadPoolExecutor] = []

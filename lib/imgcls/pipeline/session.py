@@ -1,8 +1,11 @@
 """What notebook 02 does, as a few calls: set up one strategy's MLflow run, cross-validate, refit.
 
-The runner creates the parent run and passes its id; a notebook opened by hand creates its own.
-Fold results go to child runs (per-epoch metrics with ``step`` = epoch); the CV summary, the
-checkpoints and the refit model (an MLflow pyfunc taking images) go to the parent run.
+The runner creates the parent run, writes its identity (params, lineage tags) and passes its id;
+a notebook opened by hand creates its own run and writes the same identity with the same call
+(:func:`imgcls.tracking.log_grid_point_identity`). Fold results go to child runs (per-epoch
+metrics with ``step`` = epoch); the CV summary, the checkpoints and the refit model (an MLflow
+pyfunc taking images, found again through its LoggedModel) go to the parent run. The training
+split is an MLflow dataset input (context ``training``) of the parent and of every fold run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from mlflow.tracking import MlflowClient
 
 from imgcls import tracking
 from imgcls.core.config import Strategy, check_against_data, strategy_from_dict
-from imgcls.data.folders import ImageFolder, data_version, require_split, scan_image_folder
+from imgcls.data.folders import (
+    ImageFolder,
+    data_version,
+    fold_assignment_hash,
+    require_split,
+    scan_image_folder,
+)
+from imgcls.evaluation.comparison import PARAM_FOLD_ASSIGNMENT
 from imgcls.modeling.checkpoint import save_checkpoint
 from imgcls.modeling.features import set_threads
 from imgcls.modeling.training import CVResult, TrainingInputs, cross_validate, prepare_inputs, refit
@@ -36,6 +46,7 @@ class TrainingSession:
     run_id: str
     experiment_id: str
     managed: bool
+    dataset: mlflow.entities.Dataset
     device: str | None = None
     inputs: TrainingInputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -53,28 +64,40 @@ class TrainingSession:
         skip_bad_images: bool = False,
         device: str | None = None,
     ) -> TrainingSession:
-        """Validate the strategy and data, and open (or create) the MLflow parent run."""
+        """Validate the strategy and data, and open (or create) the MLflow parent run.
+
+        With ``parent_run_id`` (the runner's run, whose identity the runner wrote) the session
+        only adds what it learns from the data; without it, it creates a run named
+        ``Strategy.run_name`` and writes the identity with
+        :func:`imgcls.tracking.log_grid_point_identity`, as the runner does. Either way the
+        ``train`` split is logged as a dataset input (digest: its data version). Raises
+        ConfigError/DataError for a bad strategy or data folder, TrackingError for the store.
+        """
         set_threads(torch_threads)
         parsed = strategy_from_dict({**strategy, "name": strategy_name}, where="strategy")
         root = Path(data_dir) if data_dir else None
-        folder = scan_image_folder(require_split("train", root), skip_bad=skip_bad_images)
+        train_dir = require_split("train", root)
+        folder = scan_image_folder(train_dir, skip_bad=skip_bad_images)
         check_against_data(parsed, folder.class_counts(), where="strategy")
         md5 = data_version(root)
+        dataset = tracking.split_dataset("train", train_dir, data_version(train_dir))
         tracking.configure(tracking_uri)
         experiment_id = tracking.get_experiment_id(experiment_name)
         client = MlflowClient()
         if parent_run_id is None:
-            run = client.create_run(experiment_id, tags=tracking.lineage_tags(parsed, md5))
-            run_id = run.info.run_id
-            tracking.log_batch(run_id, params=parsed.params())
+            run_id = client.create_run(experiment_id, run_name=parsed.run_name).info.run_id
+            tags = tracking.lineage_tags(parsed, md5)
+            tracking.log_grid_point_identity(run_id, parsed.params(), tags)
         else:
             run_id = client.get_run(parent_run_id).info.run_id
+        tracking.log_datasets(run_id, [dataset], "training")
         tracking.log_batch(
             run_id,
             metrics={"skipped_images_train": len(folder.skipped)},
             tags={"classes": ",".join(folder.classes)},
         )
-        return cls(parsed, folder, md5, run_id, experiment_id, parent_run_id is not None, device)
+        managed = parent_run_id is not None
+        return cls(parsed, folder, md5, run_id, experiment_id, managed, dataset, device)
 
     def describe(self) -> pd.DataFrame:
         """Return a one-column table of the strategy, data and run this session uses."""
@@ -89,7 +112,12 @@ class TrainingSession:
         return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
 
     def cross_validate(self, progress: bool = True) -> CVResult:
-        """Run k-fold CV; log one child run per fold and the CV summary on the parent."""
+        """Run k-fold CV; log one child run per fold and the CV summary on the parent.
+
+        Each fold run is a child of the parent run (``mlflow.start_run(parent_run_id=...)``),
+        named ``<grid point>-fold<k>``, with the train split as its training dataset. The parent
+        gets param ``fold_assignment`` (:func:`imgcls.data.folders.fold_assignment_hash`).
+        """
         self.inputs, setup = prepare_inputs(
             self.strategy, self.folder, self.data_md5, self.device, progress
         )
@@ -101,36 +129,19 @@ class TrainingSession:
         client = MlflowClient()
         point = client.get_run(self.run_id).data.tags.get(tracking.TAG_GRID_POINT)
         point = point or self.strategy.run_name
+        tags = {
+            tracking.TAG_KIND: "fold",
+            **tracking.git_info(),
+            **tracking.source_tags(tracking.SOURCE_NOTEBOOK),
+        }
         for fold in result.folds:
-            child = client.create_run(
-                self.experiment_id,
-                tags={
-                    "mlflow.parentRunId": self.run_id,
-                    tracking.TAG_KIND: "fold",
-                    "mlflow.runName": f"{point}-fold{fold.fold}",
-                    "fold": str(fold.fold),
-                },
-            )
-            tracking.log_history(child.info.run_id, fold.history)
-            tracking.log_batch(
-                child.info.run_id,
-                params={
-                    "fold": fold.fold,
-                    "n_train": int(len(self.folder) - len(fold.val_indices)),
-                    "n_val": len(fold.val_indices),
-                },
-                metrics={
-                    "best_val_accuracy": fold.val_accuracy,
-                    "best_val_loss": fold.val_loss,
-                    "best_epoch": fold.best_epoch,
-                    "train_seconds": fold.train_seconds,
-                },
-            )
-            client.set_terminated(child.info.run_id, "FINISHED")
+            self._log_fold_run(f"{point}-fold{fold.fold}", {**tags, "fold": str(fold.fold)}, fold)
         summary = result.summary()
         summary["feature_cache_hit"] = float(result.feature_cache_hit)
         summary["n_train_images"] = len(self.folder)
-        tracking.log_batch(self.run_id, metrics=summary)
+        # which file was in which fold: comparison pairs fold scores only between equal splits
+        folds = fold_assignment_hash(self.folder.relpaths(), result.fold_assignment)
+        tracking.log_batch(self.run_id, metrics=summary, params={PARAM_FOLD_ASSIGNMENT: folds})
         client.log_batch(
             self.run_id,
             metrics=[
@@ -155,6 +166,33 @@ class TrainingSession:
             client.log_artifact(self.run_id, str(Path(tmp) / "fold_assignment.csv"), "cv")
             client.log_artifacts(self.run_id, str(Path(tmp) / "checkpoints"), "checkpoints")
         return result
+
+    def _log_fold_run(self, name: str, tags: dict[str, str], fold: Any) -> None:
+        """Log one fold as a FINISHED child run ``name`` of the parent run."""
+        with mlflow.start_run(
+            experiment_id=self.experiment_id,
+            run_name=name,
+            parent_run_id=self.run_id,
+            nested=True,
+            tags=tags,
+        ) as child:
+            child_id = child.info.run_id
+            tracking.log_datasets(child_id, [self.dataset], "training")
+            tracking.log_history(child_id, fold.history)
+            tracking.log_batch(
+                child_id,
+                params={
+                    "fold": fold.fold,
+                    "n_train": int(len(self.folder) - len(fold.val_indices)),
+                    "n_val": len(fold.val_indices),
+                },
+                metrics={
+                    "best_val_accuracy": fold.val_accuracy,
+                    "best_val_loss": fold.val_loss,
+                    "best_epoch": fold.best_epoch,
+                    "train_seconds": fold.train_seconds,
+                },
+            )
 
     def _save_fold_checkpoints(self, result: CVResult, folder: Path) -> None:
         head_only = self.strategy.weights if self.strategy.freeze_backbone else None
@@ -203,7 +241,12 @@ class TrainingSession:
         )
 
     def refit(self, result: CVResult, progress: bool = True) -> dict[str, Any]:
-        """Train on all training data (epochs = mean best CV epoch); log checkpoint and pyfunc model."""
+        """Train on all training data (epochs = mean best CV epoch); log checkpoint and pyfunc model.
+
+        The pyfunc model becomes a LoggedModel of the parent run, carrying the strategy's params;
+        evaluation finds it with :func:`imgcls.tracking.logged_model`. Returns ``model_uri``,
+        ``model_id``, ``epochs``, ``seconds`` (wall-clock) and ``final_train_accuracy``.
+        """
         from imgcls.serving.pyfunc import log_pyfunc_model
 
         epochs = result.refit_epochs()
@@ -221,6 +264,7 @@ class TrainingSession:
                 f"  refit on {len(self.folder)} images, {epochs} epochs ({seconds:.1f}s)",
                 flush=True,
             )
+        params = MlflowClient().get_run(self.run_id).data.params
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(
                 Path(tmp) / "refit.pt",
@@ -234,7 +278,7 @@ class TrainingSession:
             MlflowClient().log_artifact(self.run_id, str(path), "checkpoints")
             start = time.perf_counter()
             with tracking.active_run(self.run_id, self.managed):
-                info = log_pyfunc_model(path, self.folder.paths[0])
+                info = log_pyfunc_model(path, self.folder.paths[0], params=params)
             log_seconds = time.perf_counter() - start
         tracking.log_batch(
             self.run_id,
@@ -245,10 +289,13 @@ class TrainingSession:
                 "refit_final_train_loss": history[-1]["train_loss"],
                 "refit_final_train_accuracy": history[-1]["train_accuracy"],
             },
+            # Legacy: comparison.register_champion still reads this tag (the LoggedModel is the
+            # lineage: tracking.logged_model(run_id) finds it without one).
             tags={"model_uri": info.model_uri},
         )
         return {
             "model_uri": info.model_uri,
+            "model_id": info.model_id,
             "epochs": epochs,
             "seconds": seconds,
             "final_train_accuracy": history[-1]["train_accuracy"],

@@ -134,8 +134,20 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from exc
 
 
-def log_pyfunc_model(checkpoint_path: Path, example_image: Path, name: str = "model") -> Any:
-    """Log a checkpoint as a pyfunc model (signature + input example) to the active run; return ModelInfo."""
+def log_pyfunc_model(
+    checkpoint_path: Path,
+    example_image: Path,
+    name: str = "model",
+    params: dict[str, Any] | None = None,
+) -> Any:
+    """Log a checkpoint as a pyfunc model to the active run; return MLflow's ModelInfo.
+
+    The model gets a signature and input example from ``example_image`` (one image file) and
+    becomes an MLflow 3 LoggedModel named ``name`` whose source run is the active run;
+    ``params`` (the strategy's, strings) are recorded on the LoggedModel so its page shows what
+    produced it. ``ModelInfo.model_id`` identifies it; ``ModelInfo.model_uri`` is
+    ``models:/<model_id>``. Raises OSError for an unreadable image, MlflowException for the store.
+    """
     from mlflow.models import infer_signature
 
     model, classes, prep, _ = load_checkpoint(checkpoint_path)
@@ -153,6 +165,7 @@ def log_pyfunc_model(checkpoint_path: Path, example_image: Path, name: str = "mo
         signature=signature,
         input_example=example_input,
         pip_requirements=requirements,
+        params=params,
     )
 
 
