@@ -63,8 +63,10 @@ class Strategy(BaseModel):
     lr: float = Field(1e-3, gt=0, title="learning rate")
     weight_decay: float = Field(0.0, ge=0, title="weight decay")
     momentum: float = Field(0.9, ge=0, title="momentum", description="used by sgd only")
-    augment: bool = Field(False, description="random flips and crops while training")
-    dropout: float = Field(0.0, ge=0, lt=1, title="dropout", description="before the head")
+    augment: bool = Field(False, description="random flips and shifted crops while training")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, title="dropout", description="rate before the linear head"
+    )
     min_accuracy: float = Field(
         0.70, ge=0, le=1, title="min_accuracy", description="the test-accuracy quality gate"
     )
