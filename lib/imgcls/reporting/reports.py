@@ -1,29 +1,53 @@
-"""The report index: ``reports/index.html`` links every executed notebook with status and key metric."""
+"""The report index: ``reports/index.html`` links every executed notebook with status and key metric.
+
+The page is the Jinja2 template ``templates/index.html``; this module only gathers what it shows.
+Autoescaping is on (``select_autoescape`` turns it on for ``.html``), so every text that comes from
+file names, YAML or MLflow is HTML-escaped by Jinja2, and ``StrictUndefined`` makes a name the
+template uses but the code does not pass an error rather than an empty cell.
+"""
 
 from __future__ import annotations
 
-import html
+import functools
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from mlflow.tracking import MlflowClient
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; width: 100%; margin: 1rem 0; }
-th, td { border-bottom: 1px solid #ddd; padding: .4rem .6rem; text-align: left; }
-th { background: #f4f4f4; } .FINISHED { color: #176f2c; } .FAILED, .KILLED { color: #b00020; }
-.skip { color: #666; } code { background: #f4f4f4; padding: 0 .2rem; }
-"""
+NOTEBOOK_REPORTS = ("02_train_cv", "03_evaluate")  # the pages of one grid point, in its folder
 
 
-def _link(target: Path, base: Path, label: str) -> str:
-    if not target.is_file():
-        return f'<span class="skip">{html.escape(label)} (missing)</span>'
-    href = os.path.relpath(target, base)
-    return f'<a href="{html.escape(href)}">{html.escape(label)}</a>'
+def _metric(value: Any, digits: int = 4) -> str:
+    """Jinja2 filter ``metric``: a float with ``digits`` decimals, else the text or ``–``."""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value or "–")
+
+
+@functools.cache
+def environment() -> Environment:
+    """Return the Jinja2 environment for the pages in ``imgcls/reporting/templates``.
+
+    Autoescaping for ``.html`` templates, ``StrictUndefined`` (a missing name raises
+    ``jinja2.UndefinedError``) and the ``metric`` filter. Made once per process.
+    """
+    env = Environment(
+        loader=PackageLoader("imgcls.reporting", "templates"),
+        autoescape=select_autoescape(),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["metric"] = _metric
+    return env
+
+
+def _link(target: Path, base: Path, label: str) -> dict[str, str | None]:
+    """A link to ``target`` relative to ``base``; ``href`` None when the file does not exist."""
+    href = os.path.relpath(target, base) if target.is_file() else None
+    return {"label": label, "href": href}
 
 
 def _run_metrics(run_id: str | None) -> dict[str, Any]:
@@ -37,71 +61,76 @@ def _run_metrics(run_id: str | None) -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value or "–"))
+def _row(point: Any, reports: Path) -> dict[str, Any]:
+    """The table row of one grid point (its MLflow run read from the active tracking store)."""
+    run_id = point.result.get("run_id") or point.existing_run_id
+    info = _run_metrics(run_id)
+    status = point.result.get("status") or (info.get("status") if point.action == "skip" else "?")
+    note = "resumed: finished earlier" if point.action == "skip" else point.result.get("error")
+    folder = reports / point.strategy.run_name
+    return {
+        "name": point.strategy.run_name,
+        "champion": info.get("tag:champion") == "true",
+        "status": str(status),
+        "cv_mean": info.get("cv_accuracy_mean"),
+        "cv_std": info.get("cv_accuracy_std"),
+        "test": info.get("test_accuracy"),
+        "gate": str(info.get("tag:quality_gate", "–")),
+        "links": [_link(folder / f"{n}.html", reports, n) for n in NOTEBOOK_REPORTS],
+        "run_id": str(run_id),
+        "note": str(note or ""),
+    }
+
+
+def _single(result: dict, target: Path, reports: Path, label: str) -> dict[str, Any]:
+    """The list item of a once-per-grid notebook (01 or 04)."""
+    return {
+        "link": _link(target, reports, label),
+        "status": result.get("status", "?"),
+        "run_id": str(result.get("run_id")),
+        "error": result.get("error") or "",
+    }
 
 
 def write_index(plan: Any, data_result: dict, compare: dict, reports: Path) -> Path:
     """Write ``reports/index.html`` for a finished plan and return its path.
 
-    Every text that comes from file names, YAML or MLflow is HTML-escaped.
+    ``plan`` is an ``imgcls.pipeline.plan.Plan`` (typed ``Any``: reporting comes before pipeline
+    in the layer order); ``data_result`` and ``compare`` are the outcomes of notebooks 01 and 04
+    (``status``, ``run_id``, ``error``). Links are relative to ``reports``; a page that was not
+    written is shown as ``(missing)``, not linked. Grid-point metrics are read from the active
+    MLflow tracking store (``MlflowException`` if a run id is not in it). Every text from file
+    names, YAML or MLflow is HTML-escaped (Jinja2 autoescape). Raises OSError when ``reports``
+    cannot be written.
     """
     reports.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for point in plan.points:
-        run_id = point.result.get("run_id") or point.existing_run_id
-        info = _run_metrics(run_id)
-        status = point.result.get("status") or (
-            info.get("status") if point.action == "skip" else "?"
+    page = (
+        environment()
+        .get_template("index.html")
+        .render(
+            grid_id=plan.grid_id,
+            grid_path=str(plan.grid.path),
+            data_md5=plan.data_md5,
+            code_version=plan.code_version,
+            tracking_uri=plan.tracking_uri,
+            generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+            singles=[
+                _single(
+                    data_result,
+                    reports / "data" / "01_data.html",
+                    reports,
+                    "01 · Data checks and folds",
+                ),
+                _single(
+                    compare,
+                    reports / "comparison" / "04_compare_runs.html",
+                    reports,
+                    "04 · Comparison of all strategies and the champion",
+                ),
+            ],
+            rows=[_row(point, reports) for point in plan.points],
         )
-        note = (
-            "resumed: finished earlier"
-            if point.action == "skip"
-            else (point.result.get("error") or "")
-        )
-        folder = reports / point.strategy.run_name
-        links = " · ".join(
-            _link(folder / f"{n}.html", reports, n) for n in ("02_train_cv", "03_evaluate")
-        )
-        champion = " ★ champion" if info.get("tag:champion") == "true" else ""
-        rows.append(
-            f"<tr><td>{html.escape(point.strategy.run_name)}{champion}</td>"
-            f'<td class="{html.escape(str(status))}">{html.escape(str(status))}</td>'
-            f"<td>{_fmt(info.get('cv_accuracy_mean'))} ± {_fmt(info.get('cv_accuracy_std'))}</td>"
-            f"<td>{_fmt(info.get('test_accuracy'))}</td>"
-            f"<td>{html.escape(str(info.get('tag:quality_gate', '–')))}</td>"
-            f"<td>{links}</td><td><code>{html.escape(str(run_id))}</code></td>"
-            f"<td>{html.escape(str(note))}</td></tr>"
-        )
-
-    def single(result: dict, folder: str, name: str, label: str) -> str:
-        status = html.escape(result.get("status", "?"))
-        return (
-            f"<li>{_link(reports / folder / f'{name}.html', reports, label)} "
-            f'<span class="{status}">{status}</span> '
-            f"<code>{html.escape(str(result.get('run_id')))}</code> "
-            f"{html.escape(result.get('error') or '')}</li>"
-        )
-
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Experiment reports: grid {html.escape(plan.grid_id)}</title>
-<style>{STYLE}</style></head><body>
-<h1>Sea vs Forest: experiment reports</h1>
-<p>Grid <code>{html.escape(str(plan.grid.path))}</code> (id <code>{html.escape(plan.grid_id)}</code>),
-data version <code>{html.escape(plan.data_md5)}</code>, code version <code>{html.escape(plan.code_version)}</code>,
-tracking <code>{html.escape(plan.tracking_uri)}</code>. Generated {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>
-<ul>
-{single(data_result, "data", "01_data", "01 · Data checks and folds")}
-{single(compare, "comparison", "04_compare_runs", "04 · Comparison of all strategies and the champion")}
-</ul>
-<h2>Grid points</h2>
-<table><thead><tr><th>grid point</th><th>status</th><th>CV accuracy (mean ± std)</th>
-<th>test accuracy</th><th>quality gate</th><th>reports</th><th>MLflow run</th><th>note</th></tr></thead>
-<tbody>
-{"".join(rows)}
-</tbody></table>
-</body></html>
-"""
+    )
     index = reports / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
