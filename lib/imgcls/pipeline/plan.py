@@ -1,0 +1,153 @@
+"""The plan of a grid run: the command-line options, validation of everything, run or skip per point.
+
+``build_plan`` checks the grid file, the data, every name that reaches MLflow and the tracking
+store before anything runs, and decides per grid point whether it runs or is skipped (a finished
+run with the same run key exists); ``print_plan`` prints it. Nothing here executes a notebook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgcls import tracking
+from imgcls.core import names
+from imgcls.core.config import (
+    ConfigError,
+    Grid,
+    Strategy,
+    check_against_data,
+    load_grid,
+    run_key,
+    stable_hash,
+)
+from imgcls.data.folders import check_same_classes, data_version, require_split, scan_image_folder
+from imgcls.pipeline.gridpoint import log
+
+
+@dataclass
+class RunnerOptions:
+    """Everything the command line can set."""
+
+    grid: Path
+    only: list[str] | None = None
+    dry_run: bool = False
+    force: bool = False
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    workers: int = 1
+    executor: str = "local"
+    scheduler: str | None = None
+    data_dir: str | None = None
+    skip_bad_images: bool = False
+    extra_eval_dirs: list[str] = field(default_factory=list)
+    gate: bool = False
+    register: bool = True
+    model_name: str | None = None
+    device: str | None = None
+
+
+@dataclass
+class GridPoint:
+    """One grid point in the plan: its strategy, run key and what the runner will do with it."""
+
+    strategy: Strategy
+    key: str
+    action: str = "run"  # run | skip
+    existing_run_id: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """A validated plan: grid id, data version, tracking target and grid points."""
+
+    grid: Grid
+    grid_id: str
+    data_md5: str
+    code_version: str
+    tracking_uri: str
+    experiment_id: str
+    points: list[GridPoint]
+    model_name: str | None = None  # the registered model name; None with --no-register
+
+
+def _load_grid(path: Path, only: list[str] | None = None) -> Grid:
+    try:
+        return load_grid(path, only)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})"
+        ) from exc
+
+
+def _model_name(options: RunnerOptions) -> str | None:
+    """Return the name the champion will be registered under (None with --no-register).
+
+    A ``--model-name`` is checked even with ``--no-register``: it was typed, so it is meant.
+    """
+    if not options.register and options.model_name is None:
+        return None
+    name = names.registered_model_name(options.experiment, options.model_name)
+    return name if options.register else None
+
+
+def build_plan(options: RunnerOptions) -> Plan:
+    """Validate grid, data and tracking target before anything runs; decide run or skip per point.
+
+    Every name that reaches MLflow is checked here (lib/imgcls/core/names.py): the experiment name, the
+    registered model name (default or ``--model-name``), the class folder names and the
+    ``--eval-dir`` names (metric keys). Raises ConfigError, DataError, InvalidNameError or
+    TrackingError, whose messages name the file, folder or option.
+    """
+    names.check_experiment_name(options.experiment)
+    model_name = _model_name(options)
+    full_grid = _load_grid(options.grid)
+    grid = _load_grid(options.grid, options.only) if options.only else full_grid
+    root = Path(options.data_dir) if options.data_dir else None
+    train = scan_image_folder(require_split("train", root), skip_bad=options.skip_bad_images)
+    names.check_metric_names(train.classes, str(train.root), options.extra_eval_dirs)
+    test = scan_image_folder(require_split("test", root), skip_bad=options.skip_bad_images)
+    check_same_classes(train, test)
+    for extra in options.extra_eval_dirs:
+        check_same_classes(train, scan_image_folder(extra, skip_bad=options.skip_bad_images))
+    for strategy in full_grid.strategies:
+        check_against_data(
+            strategy, train.class_counts(), f"{options.grid}:strategies.{strategy.name}"
+        )
+    md5 = data_version(train.root.parent)
+    code = tracking.code_version()
+    uri = tracking.configure(options.tracking_uri)
+    if options.executor == "dask" and options.scheduler and tracking.is_local_store(uri):
+        raise tracking.TrackingError(
+            f"{uri}: a remote Dask cluster needs a shared MLflow server; pass --tracking-uri "
+            "http://HOST:PORT (see README: MLflow server)"
+        )
+    tracking.check_reachable(uri)
+    experiment_id = tracking.get_experiment_id(options.experiment)
+    grid_id = stable_hash(sorted(run_key(s, md5, code) for s in full_grid.strategies), 10)
+    points = []
+    for strategy in grid.strategies:
+        key = run_key(strategy, md5, code)
+        existing = None if options.force else tracking.find_completed_run(experiment_id, key)
+        points.append(GridPoint(strategy, key, "skip" if existing else "run", existing))
+    return Plan(grid, grid_id, md5, code, uri, experiment_id, points, model_name)
+
+
+def print_plan(plan: Plan) -> None:
+    """Print the plan: one line per grid point with its action."""
+    todo = sum(p.action == "run" for p in plan.points)
+    log(
+        f"grid {plan.grid.path} -> grid id {plan.grid_id}, data {plan.data_md5}, "
+        f"code {plan.code_version}, tracking {plan.tracking_uri}"
+    )
+    for i, point in enumerate(plan.points, 1):
+        what = "run" if point.action == "run" else f"skip (finished run {point.existing_run_id})"
+        deltas = point.strategy.extra.get("grid_values") or {}
+        log(f"  {i:2d}. {point.strategy.run_name:<40} key {point.key}  {what} {deltas or ''}")
+    if plan.model_name:
+        log(f"champion will be registered as models:/{plan.model_name}@champion")
+    else:
+        log("champion will not be registered (--no-register)")
+    log(f"plan: {todo} to run, {len(plan.points) - todo} already finished")
