@@ -3,10 +3,16 @@
 Two input modes share one loop: *features* (a frozen backbone's cached embeddings; only the head
 trains) and *images* (decoded uint8 images through the backbone; needed when the backbone is
 fine-tuned, or when the feature cache is switched off).
+
+On CUDA the image forward passes run under autocast (bfloat16, or float16 with a GradScaler),
+batches arrive through pinned memory, and an epoch's loss and accuracy are summed on the GPU and
+read once per epoch (see :mod:`imgcls.modeling.features` for the device policy). On the CPU the
+arithmetic is float32 and the results are those of the code before the CUDA path, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -20,7 +26,16 @@ from torch import nn
 from imgcls.core.config import Strategy
 from imgcls.data.cache import decoded_images
 from imgcls.data.folders import ImageFolder, assign_folds
-from imgcls.modeling.features import EVAL_BATCH_SIZE, cached_features, pick_device, to_model_input
+from imgcls.modeling.features import (
+    EVAL_BATCH_SIZE,
+    amp_context,
+    amp_dtype,
+    augment_batch,
+    cached_features,
+    pick_device,
+    to_device,
+    to_model_input,
+)
 from imgcls.modeling.models import (
     Classifier,
     Preprocessing,
@@ -48,27 +63,6 @@ def make_optimizer(strategy: Strategy, parameters: list[nn.Parameter]) -> torch.
     return torch.optim.SGD(
         parameters, lr=strategy.lr, momentum=strategy.momentum, weight_decay=strategy.weight_decay
     )
-
-
-def augment_batch(batch: torch.Tensor, generator: torch.Generator, pad: int = 8) -> torch.Tensor:
-    """Randomly flip and shift each image of a float batch ``[B, C, S, S]``; same shape out.
-
-    Per image: a horizontal flip with probability 0.5, then a crop of ``S x S`` at a random offset
-    (0..2*pad pixels in each direction) from the image reflect-padded by ``pad`` pixels (the
-    "random crop with padding" of the CIFAR ResNet recipe, He et al. 2016). Every image draws its
-    own flip and offset from ``generator``.
-    """
-    count, size = batch.shape[0], batch.shape[-1]
-    flip = torch.rand(count, generator=generator) < 0.5
-    batch = torch.where(flip.view(-1, 1, 1, 1).to(batch.device), batch.flip(-1), batch)
-    padded = nn.functional.pad(batch, (pad, pad, pad, pad), mode="reflect")
-    offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).to(batch.device)
-    span = torch.arange(size, device=batch.device)
-    rows = (offsets[:, 0, None] + span)[:, :, None]  # [B, S, 1]
-    cols = (offsets[:, 1, None] + span)[:, None, :]  # [B, 1, S]
-    images = torch.arange(count, device=batch.device)[:, None, None]
-    cropped = padded.permute(0, 2, 3, 1)[images, rows, cols]  # [B, S, S, C]
-    return cropped.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
 @dataclass
@@ -103,6 +97,9 @@ class TrainingInputs:
         self.classes = folder.classes
         self.num_classes = len(folder.classes)
         self.use_features = strategy.freeze_backbone and strategy.use_feature_cache
+        # Autocast only for backbone forward passes on CUDA; the head alone on cached features
+        # is one small matrix product, kept in float32.
+        self.amp_dtype = None if self.use_features else amp_dtype(device)
         if self.use_features:
             # Only the head trains: no backbone is built here (the features are cached).
             self.template = None
@@ -141,7 +138,7 @@ class TrainingInputs:
         )
         if self.strategy.freeze_backbone:
             freeze_backbone(model)
-        # channels_last weights to match channels_last inputs: about 1.6x faster convolutions on CPU
+        # channels_last weights to match channels_last inputs: about 1.6x faster CPU convolutions
         return model.to(self.device, memory_format=torch.channels_last)
 
     def _build_classifier(self) -> tuple[Classifier, Preprocessing]:
@@ -163,11 +160,31 @@ class TrainingInputs:
         """Return the module that sees the inputs: the head on features, the whole model on images."""
         return model.head if self.use_features else model
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Return the context for forward passes: CUDA autocast on images, else a no-op."""
+        return contextlib.nullcontext() if self.amp_dtype is None else amp_context(self.device)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Return a GradScaler, enabled only for float16 autocast (a pass-through otherwise).
+
+        float16's largest value is 65504 and its smallest normal 6e-5: small gradients underflow
+        to zero unless the loss is scaled up (PyTorch AMP docs, "Gradient Scaling"). bfloat16 and
+        float32 need no scaling, and a disabled scaler calls ``optimizer.step()`` unchanged.
+        """
+        return torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def targets(self, rows: torch.Tensor) -> torch.Tensor:
+        """Return the int64 labels ``[len(rows)]`` of ``rows`` on the device."""
+        return to_device(self.labels[rows], self.device)
+
     def batch(self, rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Return the model-ready batch for ``rows`` (augmented when a generator is given)."""
+        """Return the model-ready batch for ``rows`` (augmented when a generator is given).
+
+        Features: float32 ``[B, F]``; images: normalised float32 ``[B, 3, S, S]``, channels_last.
+        """
         data = self.inputs[rows]
         if self.use_features:
-            return data.to(self.device)
+            return to_device(data, self.device)
         batch = to_model_input(data, self.prep, self.device)
         if generator is not None and self.strategy.augment:
             batch = augment_batch(batch, generator)
@@ -178,18 +195,66 @@ class TrainingInputs:
 def predict_rows(
     inputs: TrainingInputs, module: nn.Module, rows: torch.Tensor, batch_size: int | None = None
 ) -> torch.Tensor:
-    """Return softmax probabilities ``[len(rows), C]`` of ``module`` in eval mode.
+    """Return float32 softmax probabilities ``[len(rows), C]``, on the CPU, of ``module`` (eval).
 
     Default batch: 1024 feature vectors, or ``EVAL_BATCH_SIZE`` images (a larger image batch is
-    no faster on a CPU and holds more activations: 128 images peaked 0.5 GB above 32).
+    no faster on a CPU and holds more activations: 128 images peaked 0.5 GB above 32). Forward
+    passes run under :meth:`TrainingInputs.autocast`; the probabilities are copied to the host once.
     """
     batch_size = batch_size or (1024 if inputs.use_features else EVAL_BATCH_SIZE)
     module.eval()
-    outputs = [
-        torch.softmax(module(inputs.batch(rows[i : i + batch_size], None)).float(), dim=1).cpu()
-        for i in range(0, len(rows), batch_size)
-    ]
-    return torch.cat(outputs) if outputs else torch.empty(0, inputs.num_classes)
+    outputs = []
+    for i in range(0, len(rows), batch_size):
+        batch = inputs.batch(rows[i : i + batch_size], None)
+        with inputs.autocast():
+            logits = module(batch)
+        outputs.append(torch.softmax(logits.float(), dim=1))
+    return torch.cat(outputs).cpu() if outputs else torch.empty(0, inputs.num_classes)
+
+
+def train_epoch(
+    inputs: TrainingInputs,
+    model: Classifier,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    order: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train ``model`` for one pass over the rows ``order`` (shuffled int64 ``[N]``) in batches.
+
+    Returns 0-dim tensors on ``inputs.device``: the sum over steps of ``loss * batch rows``
+    (float64) and the count of correct training predictions (int64). The caller reads them once per
+    epoch: a ``loss.item()`` per step would make the host wait for each CUDA step to finish (a
+    host-device synchronisation) and leave the GPU idle while the next batch is prepared. Adding
+    the float32 losses in float64, in step order, gives bit for bit the Python-float sum of
+    ``loss.item() * len(rows)`` this replaces (float32 -> float64 is exact, and both round the same
+    IEEE-754 double products and sums). The loss is computed in float32 from the logits, outside
+    autocast; with float16 autocast ``scaler`` scales it (see :meth:`TrainingInputs.grad_scaler`).
+    """
+    strategy = inputs.strategy
+    module = inputs.trainable(model)
+    if inputs.use_features:
+        module.train()
+    else:
+        set_train_mode(model, strategy.freeze_backbone)
+    loss_fn = nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
+    for start in range(0, len(order), strategy.batch_size):
+        rows = order[start : start + strategy.batch_size]
+        targets = inputs.targets(rows)
+        batch = inputs.batch(rows, generator)
+        with inputs.autocast():
+            logits = module(batch)
+        logits = logits.float()
+        loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().double() * len(rows)
+        correct += (logits.argmax(1) == targets).sum()
+    return loss_sum, correct
 
 
 def train_rows(
@@ -203,7 +268,8 @@ def train_rows(
 ) -> tuple[Classifier, list[dict[str, float]], int]:
     """Train a fresh model on ``train_rows_``; with ``val_rows``, early-stop and keep the best epoch.
 
-    Returns ``(model with best weights, per-epoch history, best epoch (1-based))``.
+    Returns ``(model with best weights, per-epoch history, best epoch (1-based))``; each epoch is
+    one :func:`train_epoch`, whose device-side sums are read here once.
     """
     strategy = inputs.strategy
     seed_everything(seed)
@@ -211,33 +277,20 @@ def train_rows(
     module = inputs.trainable(model)
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(strategy, parameters)
-    loss_fn = nn.CrossEntropyLoss()
+    scaler = inputs.grad_scaler()
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     best = (float("inf"), 0, copy.deepcopy(module.state_dict()))
     stale = 0
     for epoch in range(1, epochs + 1):
-        if inputs.use_features:
-            module.train()
-        else:
-            set_train_mode(model, strategy.freeze_backbone)
         order = train_rows_[torch.randperm(len(train_rows_), generator=generator)]
-        total_loss, correct = 0.0, 0
         epoch_start = time.perf_counter()
-        for start in range(0, len(order), strategy.batch_size):
-            rows = order[start : start + strategy.batch_size]
-            targets = inputs.labels[rows].to(inputs.device)
-            logits = module(inputs.batch(rows, generator))
-            loss = loss_fn(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(rows)
-            correct += int((logits.argmax(1) == targets).sum())
+        loss_sum, correct = train_epoch(inputs, model, optimizer, scaler, order, generator)
+        train_loss, train_correct = loss_sum.item(), int(correct)  # waits for the epoch's GPU work
         record = {
             "epoch": epoch,
-            "train_loss": total_loss / len(order),
-            "train_accuracy": correct / len(order),
+            "train_loss": train_loss / len(order),
+            "train_accuracy": train_correct / len(order),
             "epoch_train_seconds": time.perf_counter() - epoch_start,
         }
         if val_rows is not None and len(val_rows):
