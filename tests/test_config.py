@@ -100,7 +100,7 @@ def test_only_filters_and_rejects_unknown_names():
 
 def test_folds_larger_than_smallest_class_is_refused():
     with pytest.raises(ConfigError, match="class 'sea' has only 3"):
-        check_against_data(Strategy(folds=5), {"forest": 10, "sea": 3}, "grid.yaml:strategies.s")
+        check_against_data(Strategy(folds=5), {"forest": 10, "sea": 3}, "grid.yaml: strategies.s")
 
 
 def test_run_key_changes_with_params_data_and_code():

@@ -114,7 +114,7 @@ def build_plan(options: RunnerOptions) -> Plan:
         check_same_classes(train, scan_image_folder(extra, skip_bad=options.skip_bad_images))
     for strategy in full_grid.strategies:
         check_against_data(
-            strategy, train.class_counts(), f"{options.grid}:strategies.{strategy.name}"
+            strategy, train.class_counts(), f"{options.grid}: strategies.{strategy.name}"
         )
     md5 = data_version(train.root.parent)
     code = tracking.code_version()
