@@ -171,6 +171,8 @@ def test_test_metrics_are_linked_to_the_logged_model_and_the_test_set(lineage):
         assert run.data.tags["model_uri"] == found.model_uri  # the legacy tag agrees
         model = client.get_logged_model(found.model_id)
         assert model.params == run.data.params
+        assert model.tags["mlflow.source.name"] == tracking.SOURCE_NOTEBOOK[0]
+        assert model.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
         on_test = {m.key: m for m in model.metrics if m.dataset_name == "test"}
         assert on_test["test_accuracy"].dataset_digest == digest
         assert on_test["test_accuracy"].value == run.data.metrics["test_accuracy"]

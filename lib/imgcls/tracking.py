@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
     MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
     MLFLOW_SOURCE_NAME,
     MLFLOW_SOURCE_TYPE,
 )
@@ -275,7 +276,7 @@ def mark_stale_runs(experiment_id: str, dead_owners: Collection[str] = ()) -> li
         [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
     )
     for run in orphans:
-        parent = run.data.tags.get("mlflow.parentRunId")
+        parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
         orphaned = parent and TAG_RUNNER not in run.data.tags
         if orphaned and client.get_run(parent).info.status != "RUNNING":
             client.set_tag(run.info.run_id, "killed_reason", f"parent run {parent} ended")

@@ -10,6 +10,7 @@ and its metrics are linked to the refit LoggedModel and that dataset, so the mod
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import weakref
@@ -50,6 +51,8 @@ from imgcls.modeling.features import (
     to_model_input,
 )
 from imgcls.modeling.models import Classifier, Preprocessing
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,8 +167,9 @@ class EvaluationSession:
 
         The run's checkpoints are downloaded to a temporary folder that is deleted when the
         session is garbage-collected (or the process exits). The refit model's LoggedModel is
-        looked up by source run (:func:`imgcls.tracking.logged_model`); raises TrackingError
-        when the run has none (its training did not finish).
+        looked up by source run (:func:`imgcls.tracking.logged_model`) so that the scores are
+        linked to it; a run without one (only a checkpoint) is still evaluated, unlinked, with a
+        warning.
         """
         set_threads(torch_threads)
         tracking.configure(tracking_uri)
@@ -173,7 +177,13 @@ class EvaluationSession:
             experiment_name, f"tags.{tracking.TAG_KIND} = 'grid_point'"
         )
         run = MlflowClient().get_run(run_id)
-        model_id = tracking.logged_model(run_id).model_id
+        try:
+            model_id: str | None = tracking.logged_model(run_id).model_id
+        except tracking.TrackingError as exc:
+            # the text only: a record holding the exception would keep this frame (and the
+            # session, whose finalizer deletes the downloaded checkpoints) alive
+            logger.warning("%s; its scores are logged to the run only", str(exc))
+            model_id = None
         target = Path(tempfile.mkdtemp(prefix="eval-"))
         checkpoint_dir = tracking.download_artifact(run_id, "checkpoints", target)
         model, classes, prep, _ = load_checkpoint(checkpoint_dir / "refit.pt")

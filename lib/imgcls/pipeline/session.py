@@ -265,6 +265,8 @@ class TrainingSession:
                 flush=True,
             )
         params = MlflowClient().get_run(self.run_id).data.params
+        # the model's own lineage: the notebook and commit that produced it ("Logged from")
+        tags = {**tracking.source_tags(tracking.SOURCE_NOTEBOOK), **tracking.git_info()}
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(
                 Path(tmp) / "refit.pt",
@@ -278,7 +280,7 @@ class TrainingSession:
             MlflowClient().log_artifact(self.run_id, str(path), "checkpoints")
             start = time.perf_counter()
             with tracking.active_run(self.run_id, self.managed):
-                info = log_pyfunc_model(path, self.folder.paths[0], params=params)
+                info = log_pyfunc_model(path, self.folder.paths[0], params=params, tags=tags)
             log_seconds = time.perf_counter() - start
         tracking.log_batch(
             self.run_id,

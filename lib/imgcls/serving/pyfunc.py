@@ -139,13 +139,15 @@ def log_pyfunc_model(
     example_image: Path,
     name: str = "model",
     params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Any:
     """Log a checkpoint as a pyfunc model to the active run; return MLflow's ModelInfo.
 
     The model gets a signature and input example from ``example_image`` (one image file) and
     becomes an MLflow 3 LoggedModel named ``name`` whose source run is the active run;
-    ``params`` (the strategy's, strings) are recorded on the LoggedModel so its page shows what
-    produced it. ``ModelInfo.model_id`` identifies it; ``ModelInfo.model_uri`` is
+    ``params`` (the strategy's, strings) and ``tags`` (e.g. ``mlflow.source.name`` and
+    ``mlflow.source.git.commit``, which override MLflow's guess of "Logged from") are recorded on
+    the LoggedModel so its page shows what produced it. ``ModelInfo.model_id`` identifies it; ``ModelInfo.model_uri`` is
     ``models:/<model_id>``. Raises OSError for an unreadable image, MlflowException for the store.
     """
     from mlflow.models import infer_signature
@@ -166,6 +168,7 @@ def log_pyfunc_model(
         input_example=example_input,
         pip_requirements=requirements,
         params=params,
+        tags=tags,
     )
 
 
