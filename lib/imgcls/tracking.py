@@ -178,22 +178,24 @@ def git_info() -> dict[str, str]:
 RESULT_NOTEBOOKS = ("02_train_cv.ipynb", "03_evaluate.ipynb")
 
 
-def result_code_files() -> list[Path]:
+def result_code_files(root: Path | None = None) -> list[Path]:
     """Return the files whose content decides a grid point's results, in a stable order.
 
     These are every ``.py`` file of the layers in :data:`imgcls.RESULT_LAYERS` (the source tree
     itself decides, not a hand-kept list), the notebooks in :data:`RESULT_NOTEBOOKS`, and
-    ``requirements.txt`` (the pinned library versions).
+    ``requirements.txt`` (the pinned library versions). ``root`` is a repository checkout
+    (default: this one).
     """
-    package = Path(imgcls.__file__).resolve().parent
+    root = root or paths.REPO_ROOT
+    package = root / "lib" / "imgcls"
     files = [
         path
         for layer in imgcls.RESULT_LAYERS
         for path in sorted((package / layer).rglob("*.py"))
         if "__pycache__" not in path.parts
     ]
-    files += [paths.notebooks_dir() / name for name in RESULT_NOTEBOOKS]
-    return [*files, paths.REPO_ROOT / "requirements.txt"]
+    files += [root / "notebooks" / name for name in RESULT_NOTEBOOKS]
+    return [*files, root / "requirements.txt"]
 
 
 def _result_content(path: Path) -> bytes:
@@ -208,16 +210,17 @@ def _result_content(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def code_version() -> str:
+def code_version(root: Path | None = None) -> str:
     """Return a 12-hex-digit SHA-256 of the code that produces results (:func:`result_code_files`).
 
     Editing a plot, the runner, a report or a notebook's markdown or outputs leaves it unchanged,
     so finished grid points are reused; editing a training module, 02/03's code or a pin changes
-    it, so they re-run.
+    it, so they re-run. ``root`` is a repository checkout (default: this one).
     """
-    package = Path(imgcls.__file__).resolve().parent
+    root = root or paths.REPO_ROOT
+    package = root / "lib" / "imgcls"
     digest = hashlib.sha256()
-    for path in result_code_files():
+    for path in result_code_files(root):
         name = path.relative_to(package) if path.is_relative_to(package) else Path(path.name)
         digest.update(name.as_posix().encode() + b"\0")
         digest.update(_result_content(path) + b"\0")
