@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 GRID ?= strategies.yaml
-PYTEST_FAST := $(PY) -m pytest -m "not slow" --nbval-lax tests notebooks
+PYTEST_FAST := $(PY) -m pytest -m "not slow" --nbval tests notebooks
 PYTEST_SLOW := $(PY) -m pytest -m slow tests
 
 .PHONY: setup data run test test-slow lint lab ui bench
@@ -40,6 +40,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 notebooks/
 
 ui: $(STAMP)
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 bench: setup

@@ -265,12 +265,12 @@ def _cache_files(root: Path) -> int:
 def ours_frozen(
     cfg: dict[str, Any], expect_warm: bool, folder: Any = None, data_md5: str | None = None
 ) -> dict[str, Any]:
-    """Time imgcls.modeling.training.cross_validate of the frozen strategy on ``folder`` (default: train)."""
+    """Time imgcls.modeling.crossval.cross_validate of the frozen strategy on ``folder`` (default: train)."""
     os.environ["IMGCLS_CACHE_DIR"] = cfg[
         "cache_dir"
     ]  # imgcls.core.paths.cache_dir() reads it per call
     import_seconds = import_libraries()
-    from imgcls.modeling.training import cross_validate
+    from imgcls.modeling.crossval import cross_validate
 
     device = setup_torch(cfg)
     folder = folder if folder is not None else load_train_folder(cfg)
@@ -309,7 +309,7 @@ def ours_frozen(
 
 
 def step_ours_frozen_cold(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Time imgcls.modeling.training.cross_validate of the frozen strategy with empty caches."""
+    """Time imgcls.modeling.crossval.cross_validate of the frozen strategy with empty caches."""
     return ours_frozen(cfg, expect_warm=False)
 
 
@@ -326,7 +326,8 @@ def step_ours_finetune(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from imgcls.data.folders import assign_folds
-    from imgcls.modeling.training import prepare_inputs, train_rows
+    from imgcls.modeling.crossval import prepare_inputs
+    from imgcls.modeling.training import train_rows
 
     device = setup_torch(cfg)
     folder = load_train_folder(cfg)
@@ -375,12 +376,15 @@ STEP_FUNCTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-def run_step(name: str, config: Path, out: Path) -> int:
-    """Run one step in this process and write its result (with peak RSS) as JSON to ``out``."""
-    from bench_phone import PHONE_STEP_FUNCTIONS
-
+def run_step(
+    name: str,
+    config: Path,
+    out: Path,
+    functions: dict[str, Callable[[dict[str, Any]], dict[str, Any]]],
+) -> int:
+    """Run step ``functions[name]`` in this process; write its result (with peak RSS) to ``out``."""
     cfg = json.loads(config.read_text())
-    result = {**STEP_FUNCTIONS, **PHONE_STEP_FUNCTIONS}[name](cfg)
+    result = functions[name](cfg)
     import torch
 
     from imgcls.modeling.features import pick_device

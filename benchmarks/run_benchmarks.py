@@ -36,9 +36,14 @@ from bench_config import (
     RESULTS_DIR,
     STEPS,
 )
-from bench_phone import PHONE_PER_CLASS, QUICK_PHONE_PER_CLASS, build_phone_set
+from bench_phone import (
+    PHONE_PER_CLASS,
+    PHONE_STEP_FUNCTIONS,
+    QUICK_PHONE_PER_CLASS,
+    build_phone_set,
+)
 from bench_report import compute_targets, fmt_mb, fmt_number, render_markdown
-from bench_steps import default_threads, run_step, subset_indices
+from bench_steps import STEP_FUNCTIONS, default_threads, run_step, subset_indices
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.step:
-        return run_step(args.step, args.config, args.out)
+        return run_step(
+            args.step, args.config, args.out, {**STEP_FUNCTIONS, **PHONE_STEP_FUNCTIONS}
+        )
     from imgcls.core import paths
     from imgcls.data.folders import data_version
 

@@ -39,6 +39,25 @@ def write_dataset(root: Path, per_class: dict[str, int], seed: int = 0, size: in
     return root
 
 
+# The smallest grid that trains for real in seconds: a random ResNet18 on 32 px images.
+TINY_GRID_DEFAULTS = """\
+defaults:
+  backbone: resnet18
+  weights: none
+  image_size: 32
+  folds: 2
+  epochs: 2
+  batch_size: 8
+"""
+
+
+def write_tiny_data(root: Path) -> Path:
+    """Write ``root/train`` (10 + 10 images) and ``root/test`` (4 + 4); return ``root``."""
+    write_dataset(root / "train", {"forest": 10, "sea": 10}, seed=1)
+    write_dataset(root / "test", {"forest": 4, "sea": 4}, seed=2)
+    return root
+
+
 @pytest.fixture()
 def image_dataset(tmp_path: Path) -> Path:
     """A dataset root with train (12+12) and test (4+4) generated images."""

@@ -30,9 +30,8 @@ def _grid(
         tracking.TAG_STRATEGY: "s",
     }
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
-        info = mlflow.pyfunc.log_model(name="model", python_model=_Constant())
+        mlflow.pyfunc.log_model(name="model", python_model=_Constant())
         mlflow.log_metrics({"cv_accuracy_mean": accuracy, "cv_loss_mean": 0.1})
-        mlflow.set_tag("model_uri", info.model_uri)
     grid = GridComparison.load(experiment_name, grid_id)
     assert grid.runs["run_id"].tolist() == [run.info.run_id]
     return grid

@@ -42,7 +42,7 @@ def test_the_copy_has_the_checkouts_code_version(checkout):
         "lib/imgcls/reporting/plots.py",
         "lib/imgcls/pipeline/runner.py",
         "lib/imgcls/serving/predict.py",
-        "lib/imgcls/tracking.py",
+        "lib/imgcls/tracking/lineage.py",
         "requirements-dev.txt",
         "notebooks/04_compare_runs.ipynb",
     ],

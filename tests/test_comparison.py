@@ -50,8 +50,9 @@ def _log_point(
         tracking.TAG_GRID_POINT: point,
         tracking.TAG_STRATEGY: point,
     }
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(tags=tags):
+    # no mlflow.set_experiment: it would leave a process-wide active experiment for later tests
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    with mlflow.start_run(experiment_id=experiment_id, tags=tags):
         if fold_assignment is not None:
             mlflow.log_param(PARAM_FOLD_ASSIGNMENT, fold_assignment)
         mlflow.log_metrics(

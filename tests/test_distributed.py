@@ -23,6 +23,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from imgcls import tracking
 from imgcls.core import paths
 from tests.conftest import write_dataset
 
@@ -182,7 +183,7 @@ def check_store(uri: str, experiment: str) -> None:
         )
         assert len(models) == 1, [m.model_id for m in models]
         assert str(models[0].status).endswith("READY")
-        assert run.data.tags["model_uri"] == f"models:/{models[0].model_id}"
+        assert tracking.logged_model(run_id).model_id == models[0].model_id
         files = {a.path for a in client.list_logged_model_artifacts(models[0].model_id)}
         assert "MLmodel" in files
 

@@ -23,14 +23,13 @@ from imgcls.core.config import Strategy
 from imgcls.data.cache import decoded_images
 from imgcls.data.folders import data_version, scan_image_folder
 from imgcls.modeling.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.modeling.crossval import cross_validate, prepare_inputs
 from imgcls.modeling.features import amp_dtype, cached_features, embed_images, to_model_input
 from imgcls.modeling.models import build_backbone, set_train_mode
 from imgcls.modeling.training import (
     TrainingInputs,
-    cross_validate,
     make_optimizer,
     predict_rows,
-    prepare_inputs,
     seed_everything,
     train_epoch,
     train_rows,

@@ -10,6 +10,7 @@ from imgcls.core import paths
 from imgcls.core.config import Strategy, load_grid
 from imgcls.data.folders import data_version, scan_image_folder
 from imgcls.modeling.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.modeling.crossval import cross_validate, prepare_inputs, refit
 from imgcls.modeling.models import (
     WeightsError,
     _efficientnet_package_file,
@@ -18,7 +19,6 @@ from imgcls.modeling.models import (
     freeze_backbone,
     set_train_mode,
 )
-from imgcls.modeling.training import cross_validate, prepare_inputs, refit
 
 TINY = {"image_size": 32, "folds": 2, "epochs": 3, "batch_size": 8, "patience": 0}
 

@@ -14,22 +14,18 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from imgcls.core import paths
-from tests.conftest import write_dataset
+from tests.conftest import TINY_GRID_DEFAULTS, write_tiny_data
 
-GRID = """
-defaults:
-  backbone: resnet18
-  weights: none
-  image_size: 32
-  folds: 2
-  epochs: 2
-  batch_size: 8
+GRID = (
+    TINY_GRID_DEFAULTS
+    + """\
   lr: 0.01
 strategies:
   frozen: {}
   broken:
     weights: /nonexistent/weights.pth
 """
+)
 
 
 def run_cli(
@@ -49,9 +45,7 @@ def run_cli(
 def grid_run(tmp_path_factory):
     """Run a two-point grid (one point fails on purpose) into a throwaway store, twice."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    data = tmp / "data"
-    write_dataset(data / "train", {"forest": 10, "sea": 10}, seed=1)
-    write_dataset(data / "test", {"forest": 4, "sea": 4}, seed=2)
+    data = write_tiny_data(tmp / "data")
     grid = tmp / "grid.yaml"
     grid.write_text(GRID)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

@@ -6,7 +6,7 @@ import pytest
 
 from imgcls.core.config import Strategy
 from imgcls.data.folders import data_version, scan_image_folder
-from imgcls.modeling.training import cross_validate
+from imgcls.modeling.crossval import cross_validate
 
 
 @pytest.mark.realdata

@@ -136,3 +136,19 @@ def test_importing_the_package_changes_no_environment_variable():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_notebooks_are_valid_nbformat_with_cell_ids():
+    import warnings
+
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # MissingIDFieldWarning: a cell added without an id
+            nb = nbformat.read(path, as_version=4)
+            nbformat.validate(nb)
+        ids = [cell.id for cell in nb.cells]
+        assert len(set(ids)) == len(ids), f"{path.name}: duplicate cell ids"
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: needs exactly one 'parameters' cell"

@@ -25,7 +25,7 @@ from imgcls.core import paths
 from imgcls.core.config import Strategy
 from imgcls.data.folders import data_version, scan_image_folder
 from imgcls.modeling.checkpoint import save_checkpoint
-from imgcls.modeling.training import cross_validate, refit
+from imgcls.modeling.crossval import cross_validate, refit
 from imgcls.serving.pyfunc import file_value, log_pyfunc_model
 from tests.conftest import write_dataset
 

@@ -40,6 +40,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from imgcls import tracking
 from imgcls.core import names, paths
 from tests.conftest import write_dataset
 from tests.test_distributed import (
@@ -379,7 +380,8 @@ def check_finished_point(client: MlflowClient, experiment_id: str, run, epochs: 
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == CHECKPOINTS
     models = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
     assert len(models) == 1 and str(models[0].status).endswith("READY")
-    assert run.data.tags["model_uri"] == f"models:/{models[0].model_id}"
+    assert "model_uri" not in run.data.tags  # the LoggedModel is the link, not a tag
+    assert tracking.logged_model(run_id).model_id == models[0].model_id
 
 
 # --------------------------------------------------------------------------- tests

@@ -284,9 +284,10 @@ class GridComparison:
         name = names.registered_model_name(self.experiment_name, model_name)
         point = self.champion()
         run = self.runs.loc[point]
-        model_uri = run.get("tags.model_uri")
-        if not isinstance(model_uri, str) or not model_uri:
-            raise tracking.TrackingError(f"run {run['run_id']} ({point}) has no logged model")
+        try:
+            model_uri = tracking.logged_model(run["run_id"]).model_uri
+        except tracking.TrackingError as exc:
+            raise tracking.TrackingError(f"{point}: {exc}") from exc
         client = MlflowClient()
         existing = _current_champion(client, name)
         if existing and existing.run_id == run["run_id"]:
@@ -307,7 +308,9 @@ class GridComparison:
                     client.set_tag(existing.run_id, "champion", "false")
         client.set_tag(run["run_id"], "champion", "true")
         uri = f"models:/{name}@{CHAMPION_ALIAS}"
-        print(f"Registered {uri} -> version {version.version} (run {run['run_id']}, {point})")
+        logger.info(
+            "Registered %s -> version %s (run %s, %s)", uri, version.version, run["run_id"], point
+        )
         return {
             "name": name,
             "version": int(version.version),

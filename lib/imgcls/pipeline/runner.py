@@ -22,8 +22,14 @@ from typing import Any
 from imgcls import tracking
 from imgcls.core import paths
 from imgcls.core.config import Strategy
-from imgcls.pipeline.gridpoint import execute_grid_point, init_worker, log, publish_notebook
-from imgcls.pipeline.notebooks import check_parameters, execute, failed_cell
+from imgcls.pipeline.gridpoint import (
+    execute_grid_point,
+    failure_line,
+    init_worker,
+    log,
+    publish_notebook,
+)
+from imgcls.pipeline.notebooks import check_parameters, execute
 from imgcls.pipeline.plan import GridPoint, Plan, RunnerOptions, build_plan, print_plan
 from imgcls.pipeline.summary import summarise
 
@@ -53,13 +59,14 @@ def run_single_notebook(
     client = MlflowClient()
     run = client.create_run(
         plan.experiment_id,
+        run_name=f"{kind}-{plan.grid_id}",
         tags={
             tracking.TAG_KIND: kind,
             tracking.TAG_GRID_ID: plan.grid_id,
             "data_md5": plan.data_md5,
             tracking.TAG_RUNNER: tracking.runner_identity(),
-            "mlflow.runName": f"{kind}-{plan.grid_id}",
             **tracking.git_info(),
+            **tracking.source_tags(tracking.SOURCE_RUNNER),
         },
     )
     output = out_dir / f"{name}.ipynb"
@@ -70,7 +77,7 @@ def run_single_notebook(
         execute(name, output, parameters)
         log(f"{name} done", start)
     except Exception as exc:
-        status, error = "FAILED", failed_cell(output) or f"{type(exc).__name__}: {exc}"[:500]
+        status, error = "FAILED", failure_line(exc, output)
         log(f"{name} FAILED: {error}", start)
     except BaseException:
         client.set_terminated(run.info.run_id, "KILLED")
@@ -87,7 +94,7 @@ def run_single_notebook(
 
 def _task(plan: Plan, options: RunnerOptions, point: GridPoint, threads: int) -> dict[str, Any]:
     strategy = point.strategy
-    tags = tracking.lineage_tags(strategy, plan.data_md5, plan.grid_id)
+    tags = tracking.lineage_tags(strategy, plan.data_md5, plan.grid_id, code=plan.code_version)
     deltas = {k: v for k, v in strategy.params().items() if k != "name"}
     return {
         "tracking_uri": plan.tracking_uri,

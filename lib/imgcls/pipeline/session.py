@@ -10,6 +10,7 @@ split is an MLflow dataset input (context ``training``) of the parent and of eve
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,8 +33,11 @@ from imgcls.data.folders import (
 )
 from imgcls.evaluation.comparison import PARAM_FOLD_ASSIGNMENT
 from imgcls.modeling.checkpoint import save_checkpoint
+from imgcls.modeling.crossval import CVResult, cross_validate, prepare_inputs, refit
 from imgcls.modeling.features import set_threads
-from imgcls.modeling.training import CVResult, TrainingInputs, cross_validate, prepare_inputs, refit
+from imgcls.modeling.training import TrainingInputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -260,9 +264,8 @@ class TrainingSession:
             progress=progress,
         )
         if progress:
-            print(
-                f"  refit on {len(self.folder)} images, {epochs} epochs ({seconds:.1f}s)",
-                flush=True,
+            logger.info(
+                "  refit on %d images, %d epochs (%.1fs)", len(self.folder), epochs, seconds
             )
         params = MlflowClient().get_run(self.run_id).data.params
         # the model's own lineage: the notebook and commit that produced it ("Logged from")
@@ -291,9 +294,6 @@ class TrainingSession:
                 "refit_final_train_loss": history[-1]["train_loss"],
                 "refit_final_train_accuracy": history[-1]["train_accuracy"],
             },
-            # Legacy: comparison.register_champion still reads this tag (the LoggedModel is the
-            # lineage: tracking.logged_model(run_id) finds it without one).
-            tags={"model_uri": info.model_uri},
         )
         return {
             "model_uri": info.model_uri,
@@ -308,5 +308,5 @@ class TrainingSession:
         if not self.managed:
             MlflowClient().set_terminated(self.run_id, "FINISHED")
         uri = mlflow.get_tracking_uri()
-        print(f"MLflow run {self.run_id} ({self.strategy.run_name}) at {uri}")
+        logger.info("MLflow run %s (%s) at %s", self.run_id, self.strategy.run_name, uri)
         return self.run_id

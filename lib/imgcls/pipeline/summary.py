@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from imgcls import tracking
 from imgcls.pipeline.gridpoint import log
 from imgcls.pipeline.plan import Plan, RunnerOptions
 
@@ -58,9 +59,11 @@ def summarise(
             failed.append(label)
             log(f"  {label} FAILED: {result['error']}")
     log(f"reports: {index}")
+    ui = tracking.ui_url(plan.experiment_id, plan.tracking_uri)
+    how = "" if ui.startswith(plan.tracking_uri) else " after `make ui`"
     log(
         f"MLflow: {plan.tracking_uri} (experiment {options.experiment!r}, grid id {plan.grid_id}); "
-        "browse with `make ui`"
+        f"runs at {ui}{how}"
     )
     exit_code = 1 if failed else 0
     if options.gate:
