@@ -11,6 +11,8 @@ from pydantic import ValidationError
 from imgcls.core import paths
 from imgcls.core.config import (
     ConfigError,
+    Grid,
+    PromotionSettings,
     Strategy,
     check_against_data,
     grid_defaults,
@@ -364,4 +366,92 @@ def test_a_strategy_given_in_python_is_strict_frozen_and_compared_by_params():
     assert str(error.value) == (
         "strategy.freeze_backbone: expected true or false, got the text 'yes'; write true or false"
         "\nstrategy.epochs: epochs must be >= 1, got 0; write a whole number >= 1"
+    )
+
+
+# The `promotion:` section: when the grid's best point replaces the previous champion.
+
+
+def test_promotion_defaults_when_the_section_is_absent_or_empty(tmp_path):
+    shipped = load_grid(paths.REPO_ROOT / "strategies.yaml")
+    assert shipped.promotion == PromotionSettings()
+    assert (shipped.promotion.rope, shipped.promotion.alpha, shipped.promotion.metric) == (
+        0.005,
+        0.05,
+        "fold_val_accuracy",
+    )
+    empty = load_grid(write(tmp_path, "promotion:\nstrategies:\n  s: {}\n"))
+    assert empty.promotion == PromotionSettings()
+    assert Grid(None, ()).promotion == PromotionSettings()
+
+
+def test_promotion_settings_are_read_and_change_no_grid_point(tmp_path):
+    plain = load_grid(write(tmp_path, "strategies:\n  s:\n    lr: [0.1, 0.01]\n"))
+    text = "promotion:\n  rope: 0\n  alpha: 0.1\n  metric: fold_val_accuracy\n"
+    grid = load_grid(write(tmp_path, text + "strategies:\n  s:\n    lr: [0.1, 0.01]\n"))
+    assert grid.promotion == PromotionSettings(rope=0.0, alpha=0.1)
+    assert isinstance(grid.promotion.rope, float)  # an int is taken as a float
+    assert [run_key(s, "md5", "code") for s in grid.strategies] == [
+        run_key(s, "md5", "code") for s in plain.strategies
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            "  rope: 1\n",
+            "grid.yaml:2: promotion.rope: rope (region of practical equivalence, a fraction of "
+            "accuracy) must be >= 0 and < 1, got 1; write a number >= 0 and < 1",
+        ),
+        (
+            "  alpha: 0.5\n",
+            "grid.yaml:2: promotion.alpha: alpha (error rate of each one-sided test) must be > 0 "
+            "and < 0.5, got 0.5; write a number > 0 and < 0.5",
+        ),
+        (
+            "  rope: 0.01\n  alpah: 0.1\n",
+            "grid.yaml:3: promotion.alpah: unknown key; did you mean 'alpha'? "
+            "allowed keys: rope, alpha, metric",
+        ),
+        (
+            "  metric: accuracy\n",
+            "grid.yaml:2: promotion.metric: unknown metric 'accuracy'; did you mean "
+            "'fold_val_accuracy'? allowed: fold_val_accuracy",
+        ),
+        (
+            '  rope: "0.01"\n',
+            "grid.yaml:2: promotion.rope: expected float, got str '0.01'; write a number, "
+            "unquoted (1e-4 and 0.0001 both work)",
+        ),
+        (
+            "  rope: [0.005, 0.01]\n",
+            "grid.yaml:2: promotion.rope: promotion settings cannot be lists (grid axes); "
+            "give one value",
+        ),
+        (
+            "  alpha: ~\n",
+            "grid.yaml:2: promotion.alpha: YAML reads '~' as null (no value); remove it to keep "
+            'the default, or quote it ("~") if you mean the text',
+        ),
+        (
+            "  rope: -0.1\n  alpha: 0\n",
+            "grid.yaml:2: promotion.rope: rope (region of practical equivalence, a fraction of "
+            "accuracy) must be >= 0 and < 1, got -0.1; write a number >= 0 and < 1\n"
+            "grid.yaml:3: promotion.alpha: alpha (error rate of each one-sided test) must be > 0 "
+            "and < 0.5, got 0; write a number > 0 and < 0.5",
+        ),
+    ],
+)
+def test_promotion_errors_name_the_line_and_yaml_path(tmp_path, section, message):
+    assert refused(tmp_path, f"promotion:\n{section}strategies:\n  s: {{}}\n") == message
+
+
+def test_a_promotion_section_that_is_not_a_mapping_is_refused(tmp_path):
+    assert refused(tmp_path, "strategies:\n  s: {}\npromotion: 0.01\n") == (
+        "grid.yaml:3: promotion: expected a mapping of promotion settings (rope, alpha, metric), "
+        "got 0.01"
+    )
+    assert "allowed: defaults, strategies, promotion" in refused(
+        tmp_path, "promotoin:\n  rope: 0.01\nstrategies:\n  s: {}\n"
     )

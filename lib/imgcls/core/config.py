@@ -3,7 +3,9 @@
 A grid file has a ``defaults:`` mapping and a ``strategies:`` mapping of name -> deltas. Any
 field given as a list becomes a grid axis: every combination is its own run (a "grid point").
 ``defaults:`` changes the schema's defaults (:class:`~imgcls.core.strategy.Strategy`) for every
-strategy of the file; a strategy's deltas change them for its own grid points.
+strategy of the file; a strategy's deltas change them for its own grid points. An optional
+``promotion:`` mapping (:class:`~imgcls.core.strategy.PromotionSettings`: rope, alpha, metric)
+says when the grid's best point replaces the previous champion; it changes no grid point.
 
 The file is read strictly (:mod:`imgcls.core.gridfile`: YAML 1.2, no duplicate keys, no silent
 null/date/yes-no surprises) and every value is checked against the schema
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +26,28 @@ from imgcls.core.gridfile import ConfigError, Where, is_null, name_of, read_grid
 from imgcls.core.strategy import (
     BACKBONES,
     OPTIMIZERS,
+    PROMOTION_FIELDS,
     TUNABLE_FIELDS,
+    PromotionSettings,
     Strategy,
     check_fields,
+    check_promotion,
     strategy_from_dict,
 )
 
 __all__ = [
     "BACKBONES",
     "OPTIMIZERS",
+    "PROMOTION_FIELDS",
     "TUNABLE_FIELDS",
     "ConfigError",
     "Grid",
+    "PromotionSettings",
     "Strategy",
     "check_against_data",
     "expand_grid",
     "grid_defaults",
+    "grid_promotion",
     "load_grid",
     "run_key",
     "stable_hash",
@@ -49,10 +57,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Grid:
-    """An expanded, validated grid: its source file and its strategies in file order."""
+    """An expanded, validated grid: its source file, its strategies in file order, and its
+    ``promotion:`` settings (the defaults when the file has no such section)."""
 
     path: Path | None
     strategies: tuple[Strategy, ...]
+    promotion: PromotionSettings = field(default_factory=PromotionSettings)
 
     def names(self) -> list[str]:
         """Return the distinct strategy names in file order."""
@@ -78,6 +88,17 @@ def grid_defaults(document: dict[str, Any], source: str = "<grid>") -> dict[str,
     return defaults
 
 
+def grid_promotion(document: dict[str, Any], source: str = "<grid>") -> PromotionSettings:
+    """Return the checked ``promotion:`` settings of a parsed grid document (defaults if absent).
+
+    Raises ConfigError, naming ``source``, the line and YAML path, for a section that is not a
+    mapping or holds an invalid setting (see :func:`~imgcls.core.strategy.check_promotion`).
+    """
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with 'strategies'")
+    return check_promotion(document.get("promotion"), Where(source).key("promotion", document))
+
+
 def expand_grid(document: dict[str, Any], source: str = "<grid>") -> list[Strategy]:
     """Expand a parsed grid document (``defaults`` + ``strategies``) into grid points.
 
@@ -89,11 +110,11 @@ def expand_grid(document: dict[str, Any], source: str = "<grid>") -> list[Strate
     """
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'strategies'")
-    unknown = set(document) - {"defaults", "strategies"}
+    unknown = set(document) - {"defaults", "strategies", "promotion"}
     if unknown:
         raise ConfigError(
             f"{source}: unknown top-level key(s) {sorted(str(k) for k in unknown)}; "
-            "allowed: defaults, strategies"
+            "allowed: defaults, strategies, promotion"
         )
     defaults = grid_defaults(document, source)
     strategies = document.get("strategies")
@@ -128,12 +149,14 @@ def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
     The file is read strictly as YAML 1.2 (:mod:`imgcls.core.gridfile`). Raises ConfigError,
     naming the file and the line or YAML path, for a missing file, invalid YAML, a ``%YAML``
     directive other than 1.2, a duplicate key (both lines named), anything :func:`expand_grid`
-    refuses, or ``only`` naming unknown strategies.
+    or :func:`grid_promotion` refuses, or ``only`` naming unknown strategies.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: grid file not found")
-    points = expand_grid(read_grid_yaml(path), source=str(path))
+    document = read_grid_yaml(path)
+    points = expand_grid(document, source=str(path))
+    promotion = grid_promotion(document, source=str(path))
     if only:
         known = {p.name for p in points}
         missing = [n for n in only if n not in known]
@@ -142,7 +165,7 @@ def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
                 f"{path}: --only names unknown strategies {missing}; known: {sorted(known)}"
             )
         points = [p for p in points if p.name in only]
-    return Grid(path=path, strategies=tuple(points))
+    return Grid(path=path, strategies=tuple(points), promotion=promotion)
 
 
 def check_against_data(strategy: Strategy, class_counts: dict[str, int], where: str) -> None:

@@ -1,4 +1,4 @@
-"""The training-strategy schema (a pydantic model) and its errors, worded for grid files.
+"""The grid-file schemas (pydantic models) and their errors, worded for grid files.
 
 :class:`Strategy`'s field defaults are THE default strategy: what notebook 02 trains when opened
 by hand (``strategy = {}``) and what a grid file's ``defaults:`` starts from. Types are strict, as
@@ -6,6 +6,10 @@ YAML must not coerce: true/false only for a bool (``yes`` is text), a whole numb
 number for a float (an int is taken as a float). Ranges are pydantic ``Field`` constraints; a
 ``ValidationError`` becomes a :class:`ConfigError` that names ``<file>:<line>: <YAML path>``, what
 is wrong and how to fix it (:func:`check_fields`).
+
+:class:`PromotionSettings` is the grid file's ``promotion:`` section: how a challenger is judged
+against the previous champion (:mod:`imgcls.evaluation.promotion`); it is checked the same way
+(:func:`check_promotion`) and changes no grid point, so it is not part of any run key.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
-from imgcls.core.gridfile import ConfigError, Where, yaml_hint
+from imgcls.core.gridfile import ConfigError, Where, is_null, yaml_hint
 
 Backbone = Literal["efficientnet_lite0", "resnet18"]
 Optimizer = Literal["adam", "adamw", "sgd"]
+# Per-fold metrics that promotion can compare: logged once per fold, higher is better, a fraction.
+PromotionMetric = Literal["fold_val_accuracy"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+PROMOTION_METRICS: tuple[str, ...] = get_args(PromotionMetric)
 
 
 class Strategy(BaseModel):
@@ -94,15 +101,50 @@ class Strategy(BaseModel):
 TUNABLE_FIELDS: tuple[str, ...] = tuple(
     k for k in Strategy.model_fields if k not in ("name", "extra")
 )
+
+
+class PromotionSettings(BaseModel):
+    """The grid file's ``promotion:`` section: when a challenger replaces the previous champion.
+
+    Read by :func:`imgcls.evaluation.promotion.decide_promotion`. ``rope`` is Kruschke's region of
+    practical equivalence (Kruschke 2018, "Rejecting or accepting parameter values in Bayesian
+    estimation"; Benavoli et al. 2017, "Time for a change", JMLR 18(77)) in accuracy, as a
+    fraction (0.005 = 0.5 accuracy points); ``alpha`` is the error rate of each one-sided test
+    (the decision interval has confidence 1 - 2 * alpha, so alpha < 0.5); ``metric`` is the
+    per-fold metric compared. Raises pydantic's ValidationError for a bad value given in Python.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    rope: float = Field(
+        0.005,
+        ge=0,
+        lt=1,
+        title="rope (region of practical equivalence, a fraction of accuracy)",
+        description="differences within +-rope count as no difference; 0.005 = 0.5 points",
+    )
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        title="alpha (error rate of each one-sided test)",
+        description="the decision interval of the mean difference has confidence 1 - 2 * alpha",
+    )
+    metric: PromotionMetric = Field(
+        "fold_val_accuracy", description="a per-fold metric, higher is better, a fraction"
+    )
+
+
+PROMOTION_FIELDS: tuple[str, ...] = tuple(PromotionSettings.model_fields)
 _TYPE_NAMES = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool"}
 _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
-def _rule(field: str) -> str:
+def _rule(model: type[BaseModel], field: str) -> str:
     """Return a field's range as text, e.g. ``> 0`` or ``between 32 and 1024``."""
     bounds = [
         (op, getattr(m, attr))
-        for m in Strategy.model_fields[field].metadata
+        for m in model.model_fields[field].metadata
         for attr, op in _BOUNDS
         if hasattr(m, attr)
     ]
@@ -111,10 +153,10 @@ def _rule(field: str) -> str:
     return " and ".join(f"{op} {limit}" for op, limit in bounds)
 
 
-def _message(field: str, error: ErrorDetails) -> str:
-    """Return what is wrong with ``field`` and how to fix it, for one pydantic error."""
+def _message(model: type[BaseModel], field: str, error: ErrorDetails) -> str:
+    """Return what is wrong with ``model``'s ``field`` and how to fix it, for one pydantic error."""
     kind, value = error["type"], error["input"]
-    info = Strategy.model_fields[field]
+    info = model.model_fields[field]
     hint = yaml_hint(value)
     if hint:
         return hint
@@ -135,29 +177,73 @@ def _message(field: str, error: ErrorDetails) -> str:
         guess = f"did you mean {close[0]!r}? " if close else ""
         return f"unknown {field} {value!r}; {guess}allowed: {', '.join(allowed)}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        rule = _rule(field)
+        rule = _rule(model, field)
         number = "a whole number" if info.annotation is int else "a number"
         return f"{info.title or field} must be {rule}, got {value}; write {number} {rule}"
     return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got}"
 
 
-def _unknown_key(key: str) -> str:
-    close = difflib.get_close_matches(str(key), TUNABLE_FIELDS, n=1)
+def _unknown_key(key: str, allowed: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(key), allowed, n=1)
     guess = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown key; {guess}allowed keys: {', '.join(TUNABLE_FIELDS)}"
+    return f"unknown key; {guess}allowed keys: {', '.join(allowed)}"
 
 
-def _validate(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def _validate(
+    model: type[BaseModel], values: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Validate some fields (the others at their defaults): (cleaned values, field -> problems)."""
     try:
-        model = Strategy.model_validate(values)
+        checked = model.model_validate(values)
     except ValidationError as exc:
         problems: dict[str, list[str]] = {}
         for error in exc.errors():
             field = str(error["loc"][0])
-            problems.setdefault(field, []).append(_message(field, error))
+            problems.setdefault(field, []).append(_message(model, field, error))
         return {}, problems
-    return {k: getattr(model, k) for k in values}, {}
+    return {k: getattr(checked, k) for k in values}, {}
+
+
+def _check_mapping(
+    model: type[BaseModel],
+    allowed: tuple[str, ...],
+    values: Any,
+    where: Where,
+    lists: str | None,
+) -> dict[str, Any]:
+    """Validate a mapping of ``model``'s fields at ``where``; return it cleaned, in its order.
+
+    ``lists`` is None when a list value is a grid axis (each item checked), else the message that
+    refuses a list. Raises ConfigError listing every problem, one line each, in file order.
+    """
+    problems: list[tuple[int, str]] = []  # (position of the key in the mapping, message)
+    scalars: dict[str, Any] = {}
+    cleaned: dict[str, Any] = {}
+    for n, (key, value) in enumerate(values.items()):
+        at = where.key(key, values)
+        if key not in allowed:
+            problems.append((n, f"{at}: {_unknown_key(key, allowed)}"))
+        elif isinstance(value, list) and lists is not None:
+            problems.append((n, f"{at}: {lists}"))
+        elif isinstance(value, list) and not value:
+            problems.append((n, f"{at}: an empty list gives no grid points; give a value"))
+        elif isinstance(value, list):
+            cleaned[key] = []
+            for i, item in enumerate(value):
+                good, bad = _validate(model, {key: item})
+                cleaned[key] += [good[key]] if good else []
+                problems += [(n, f"{at.item(i, value)}: {text}") for text in bad.get(key, [])]
+        else:
+            scalars[key] = value
+    good, bad = _validate(model, scalars)
+    order = {key: n for n, key in enumerate(values)}
+    for key in scalars:
+        at = where.key(key, values)
+        problems += [(order[key], f"{at}: {text}") for text in bad.get(key, [])]
+    if problems:
+        raise ConfigError("\n".join(text for _, text in sorted(problems, key=lambda p: p[0])))
+    cleaned.update(good)
+    return {k: cleaned[k] for k in values}
 
 
 def check_fields(values: Any, where: Where) -> dict[str, Any]:
@@ -171,32 +257,28 @@ def check_fields(values: Any, where: Where) -> dict[str, Any]:
     """
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where}: expected a mapping of strategy fields, got {values!r}")
-    problems: list[tuple[int, str]] = []  # (position of the key in the mapping, message)
-    scalars: dict[str, Any] = {}
-    cleaned: dict[str, Any] = {}
-    for n, (key, value) in enumerate(values.items()):
-        at = where.key(key, values)
-        if key not in TUNABLE_FIELDS:
-            problems.append((n, f"{at}: {_unknown_key(key)}"))
-        elif isinstance(value, list) and not value:
-            problems.append((n, f"{at}: an empty list gives no grid points; give a value"))
-        elif isinstance(value, list):
-            cleaned[key] = []
-            for i, item in enumerate(value):
-                good, bad = _validate({key: item})
-                cleaned[key] += [good[key]] if good else []
-                problems += [(n, f"{at.item(i, value)}: {text}") for text in bad.get(key, [])]
-        else:
-            scalars[key] = value
-    good, bad = _validate(scalars)
-    order = {key: n for n, key in enumerate(values)}
-    for key in scalars:
-        at = where.key(key, values)
-        problems += [(order[key], f"{at}: {text}") for text in bad.get(key, [])]
-    if problems:
-        raise ConfigError("\n".join(text for _, text in sorted(problems, key=lambda p: p[0])))
-    cleaned.update(good)
-    return {k: cleaned[k] for k in values}
+    return _check_mapping(Strategy, TUNABLE_FIELDS, values, where, lists=None)
+
+
+def check_promotion(values: Any, where: Where) -> PromotionSettings:
+    """Validate the grid file's ``promotion:`` section found at ``where``; return its settings.
+
+    A missing or empty (null) section gives the defaults. Raises ConfigError listing every
+    problem, one line each as ``<file>:<line>: promotion.<key>: <what is wrong>; <how to fix
+    it>``: a non-mapping, an unknown key (with a "did you mean"), a list (promotion settings are
+    not grid axes), null or a date, or a value of the wrong type or out of its range.
+    """
+    if is_null(values):
+        return PromotionSettings()
+    if not isinstance(values, Mapping):
+        raise ConfigError(
+            f"{where}: expected a mapping of promotion settings "
+            f"({', '.join(PROMOTION_FIELDS)}), got {values!r}"
+        )
+    lists = "promotion settings cannot be lists (grid axes); give one value"
+    return PromotionSettings(
+        **_check_mapping(PromotionSettings, PROMOTION_FIELDS, values, where, lists=lists)
+    )
 
 
 def strategy_from_dict(values: dict[str, Any], where: str = "strategy") -> Strategy:
