@@ -184,6 +184,37 @@ def test_folds_partition_every_class_evenly(counts, folds):
     assert np.array_equal(assignment, assign_folds(labels.copy(), folds, seed=42))
 
 
+@pytest.mark.parametrize(
+    ("counts", "folds"), [((454, 495), 5), ((454, 495), 3), ((7, 6, 5), 4), ((2, 9, 31, 4), 2)]
+)
+def test_grouped_folds_with_no_near_copies_stay_stratified(counts, folds):
+    """Every sample its own group (StratifiedGroupKFold): as balanced as StratifiedKFold.
+
+    Not the same assignment, so a grid scored with groups has another fold_assignment hash.
+    """
+    labels = np.repeat(np.arange(len(counts)), counts)
+    np.random.default_rng(3).shuffle(labels)
+    singletons = np.arange(labels.size)
+    assignment = assign_folds(labels, folds, seed=42, groups=singletons)
+    assert assignment.dtype == np.int64 and set(assignment.tolist()) == set(range(folds))
+    sizes = np.bincount(assignment, minlength=folds)
+    assert sizes.max() - sizes.min() <= 1
+    for label in range(len(counts)):
+        per_fold = np.bincount(assignment[labels == label], minlength=folds)
+        assert per_fold.max() - per_fold.min() <= 1
+    assert np.array_equal(assignment, assign_folds(labels, folds, seed=42, groups=singletons))
+    assert not np.array_equal(assignment, assign_folds(labels, folds, seed=43, groups=singletons))
+    # without groups: exactly scikit-learn's StratifiedKFold, the folds logged before the audit
+    from sklearn.model_selection import StratifiedKFold
+
+    before = np.empty(labels.size, dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=42)
+    for fold, (_, held_out) in enumerate(splitter.split(labels[:, None], labels)):
+        before[held_out] = fold
+    assert np.array_equal(assign_folds(labels, folds, seed=42, groups=None), before)
+    assert not np.array_equal(assignment, before)
+
+
 def test_fold_assignment_hash_names_which_file_is_in_which_fold():
     paths_ = ["sea/b.jpg", "forest/a.jpg", "sea/c.jpg"]
     folds = np.array([1, 0, 1])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from imgcls.data import duplicates
 from imgcls.data.folders import (
     ImageFolder,
     assign_folds,
@@ -54,7 +55,14 @@ class DatasetReport:
         )
 
     def findings(self) -> pd.DataFrame:
-        """Return every problem found: skipped bad files and duplicate images (by content)."""
+        """Return every problem found: skipped bad files, duplicates and near-duplicates.
+
+        Exact duplicates are found by md5 of the bytes; near-duplicates (resized, re-encoded,
+        brightened or slightly cropped copies) by :func:`imgcls.data.duplicates.near_duplicates`
+        (pHash within 8 of 64 bits), one row per group: within one split (kept in one fold by
+        cross-validation), across splits (a test image with a near-copy in training), and with
+        conflicting labels (the same photo under two classes).
+        """
         rows = [
             {"kind": "bad file", "path": str(b.path), "detail": b.reason}
             for b in self.train.skipped + self.test.skipped
@@ -63,7 +71,51 @@ class DatasetReport:
             splits = sorted({m.split("/")[0] for m in members})
             kind = "duplicate across splits" if len(splits) > 1 else "duplicate within split"
             rows.append({"kind": kind, "path": ", ".join(members), "detail": f"md5 {digest}"})
+        for _, group in self.near_duplicates().groupby("group", sort=True):
+            splits = group["split"].unique()
+            kind = (
+                "near-duplicate across splits" if len(splits) > 1 else "near-duplicate within split"
+            )
+            classes = sorted(group["class"].unique())
+            detail = (
+                f"pHash distance to {group['path'].iloc[0]} <= {int(group['distance'].max())} bits"
+            )
+            if len(classes) > 1:
+                kind += ", conflicting labels"
+                detail += f"; classes {classes}"
+            rows.append({"kind": kind, "path": ", ".join(group["path"]), "detail": detail})
         return pd.DataFrame(rows, columns=["kind", "path", "detail"])
+
+    def near_duplicates(self) -> pd.DataFrame:
+        """Return the near-duplicate groups of both splits, one row per member.
+
+        Columns ``group``, ``split``, ``path``, ``class``, ``distance`` (Hamming bits of the
+        64-bit pHash to the group's first member); see
+        :func:`imgcls.data.duplicates.near_duplicates`. Hashes are recorded per file version, so
+        only the first call on a data version reads the images.
+        """
+        return duplicates.near_duplicates(self.train, self.test)
+
+    def leakage_summary(self) -> pd.DataFrame:
+        """Return counts of the leakage audit: groups within train, test images copied from train.
+
+        Rows: near-duplicate groups in train (size > 1, as the folds see them), their images,
+        test images with a near-copy in train
+        (:func:`imgcls.data.duplicates.test_images_with_train_copies`), and all test images;
+        column ``value``.
+        """
+        sizes = np.bincount(duplicates.fold_groups(self.train))  # the groups the folds keep whole
+        within = sizes[sizes > 1]
+        leaked = duplicates.test_images_with_train_copies(self.train, self.test)
+        return pd.DataFrame(
+            {"value": [len(within), int(within.sum()), len(leaked), len(self.test)]},
+            index=[
+                "near-duplicate groups within train",
+                "train images in those groups",
+                "test images with a near-copy in train",
+                "test images",
+            ],
+        )
 
 
 def inspect_dataset(data_dir: str | None = None, skip_bad_images: bool = False) -> DatasetReport:
@@ -115,8 +167,12 @@ def sample_images(
 
 
 def fold_balance(folder: ImageFolder, folds: int, seed: int) -> pd.DataFrame:
-    """Return images per class (rows) and fold (columns) of the shared stratified assignment."""
-    assignment = assign_folds(folder.labels, folds, seed)
+    """Return images per class (rows) and fold (columns) of the shared fold assignment.
+
+    The assignment cross-validation uses: stratified, with each near-duplicate group of
+    :func:`imgcls.data.duplicates.fold_groups` inside one fold.
+    """
+    assignment = assign_folds(folder.labels, folds, seed, groups=duplicates.fold_groups(folder))
     table = pd.crosstab(
         pd.Series([folder.classes[i] for i in folder.labels], name="class"),
         pd.Series(assignment, name="fold"),

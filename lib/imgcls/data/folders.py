@@ -282,17 +282,26 @@ def data_version(root: str | Path | None = None) -> str:
     return actual
 
 
-def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def assign_folds(
+    labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None
+) -> np.ndarray:
     """Return the fold index (int64, shape [N]) of each of N samples from their labels [N].
 
-    scikit-learn's ``StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)``: every
-    fold holds each class to within one sample and fold sizes differ by at most one. The same
-    labels (the sorted file list of a data version), k and seed always give the same assignment,
-    so every strategy is compared on identical splits; :func:`fold_assignment_hash` names it.
-    Raises DataError when ``folds < 2`` or ``folds`` exceeds the smallest class size.
+    Without ``groups``: scikit-learn's ``StratifiedKFold(n_splits=folds, shuffle=True,
+    random_state=seed)``; every fold holds each class to within one sample and fold sizes differ
+    by at most one. With ``groups`` [N] (any hashable ids; the near-duplicate groups of
+    :func:`imgcls.data.duplicates.fold_groups`, every image with no near-copy a group of its
+    own): ``StratifiedGroupKFold`` with the same arguments, so all samples of a group share a
+    fold and class proportions are balanced greedily as far as whole groups allow.
+    scikit-learn promises no bound; tests/test_leakage.py checks that each class's count in each
+    fold stays within the largest group's size of an even split (count / folds).
+    The same inputs always give the same assignment, so every strategy is compared on identical
+    splits; :func:`fold_assignment_hash` names it. Raises DataError when ``folds < 2``, when
+    ``folds`` exceeds the smallest class size (or, with groups, the number of groups holding
+    some class) or a fold would be empty; ValueError when ``groups`` is not one id per label.
     """
     # Imported here: scikit-learn's model_selection takes 2-3 s to import, paid only by callers.
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     labels = np.asarray(labels).reshape(-1)
     if folds < 2:
@@ -304,8 +313,27 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
             "use folds <= smallest class size"
         )
     assignment = np.full(labels.size, -1, dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros((labels.size, 1)), labels)):
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        split = splitter.split(np.zeros((labels.size, 1)), labels)
+    else:
+        groups = np.asarray(groups).reshape(-1)
+        if groups.size != labels.size:
+            raise ValueError(
+                f"{groups.size} group ids for {labels.size} labels; pass one group per sample"
+            )
+        for label in np.unique(labels):
+            holding = np.unique(groups[labels == label]).size
+            if holding < folds:
+                raise DataError(
+                    f"{folds} folds requested but class {label.item()} lies in {holding} "
+                    "near-duplicate group(s); use folds <= that number"
+                )
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        split = splitter.split(np.zeros((labels.size, 1)), labels, groups)
+    for fold, (_, held_out) in enumerate(split):
+        if held_out.size == 0:
+            raise DataError(f"fold {fold} of {folds} got no samples; use fewer folds")
         assignment[held_out] = fold
     return assignment
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from imgcls.core.config import Strategy
+from imgcls.data import duplicates
 from imgcls.data.folders import ImageFolder, assign_folds
 from imgcls.modeling.features import pick_device
 from imgcls.modeling.models import Classifier, Preprocessing
@@ -85,7 +86,9 @@ def cross_validate(
     setup = 0.0
     if inputs is None:
         inputs, setup = prepare_inputs(strategy, folder, data_md5, device, progress)
-    assignment = assign_folds(folder.labels, strategy.folds, strategy.seed)
+    assignment = assign_folds(
+        folder.labels, strategy.folds, strategy.seed, groups=duplicates.fold_groups(folder)
+    )
     results = []
     for fold in range(strategy.folds):
         start = time.perf_counter()

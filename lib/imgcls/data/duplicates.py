@@ -1,0 +1,284 @@
+"""Leakage audit: near-duplicate images within and across splits, by perceptual hash.
+
+A near-duplicate is a resized, re-encoded, slightly brightened or slightly cropped copy of a
+photo. Scored as validation or test data it measures memory, not generalisation, so:
+
+- :func:`fold_groups` gives every training image the id of its near-duplicate group, and
+  :func:`imgcls.data.folders.assign_folds` keeps each group inside one fold;
+- :func:`near_duplicates` lists the groups of both splits (notebook 01), and
+  :func:`test_images_with_train_copies` names the test images with a near-copy in training, so
+  test accuracy can be reported with and without them (notebook 03).
+
+**Hash.** ``imagehash.phash`` (ImageHash, the maintained pHash implementation for Pillow; BSD-2):
+grayscale, resized to 32x32 (LANCZOS), 2-D DCT, the 8x8 lowest frequencies compared with their
+median: 64 bits. It ignores aspect ratio, JPEG artefacts and global brightness, unlike md5 (exact
+copies only) or dHash (on the shipped data dHash puts 120 pairs of distinct sea/forest photos
+within 8 bits, pHash one). Images are read by the project's one reader
+(:func:`imgcls.data.images.read_image`: EXIF orientation applied, JPEGs drafted to >= 64 px).
+
+**Threshold.** Two images are near-duplicates when their hashes differ in at most
+:data:`MAX_DISTANCE` = 8 of 64 bits (Hamming distance). The planted copies of
+``tests/test_leakage.py`` (0.6x resize, JPEG quality 40, +15 % brightness, 4-px crop) move the
+hash by 0-6 bits; on the shipped data (984 photos) the only pair within 8 bits is a re-encoded
+copy at distance 2 and the next-closest distinct photos are 10 bits apart.
+
+**Groups** are the connected components of the graph "distance <= threshold" (single linkage,
+scipy's ``connected_components``), numbered by their first member, so the same hashes always give
+the same ids. A chain A~B~C forms one group even when A and C are farther apart.
+
+Hashes are recorded per split folder in ``<cache>/phash/`` under each file's (relative path,
+size, modification time in ns), as validation records are (:mod:`imgcls.data.validation`), so an
+unchanged data version is hashed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+import PIL
+
+from imgcls.core import paths
+from imgcls.data import images
+from imgcls.data.folders import ImageFolder, scan_image_folder
+from imgcls.data.validation import RACY_MTIME_SECONDS
+
+logger = logging.getLogger(__name__)
+
+HASH_SIZE = 8  # imagehash.phash(hash_size=8): 8x8 DCT coefficients -> 64 bits
+MAX_DISTANCE = 8  # Hamming distance (bits of 64) at or below which two images are near-copies
+# imagehash.phash resizes to hash_size * highfreq_factor (4) = 32 px; read_image drafts a JPEG
+# to at least twice that, so the LANCZOS resize still averages over several source pixels.
+HASH_READ_SIZE = 4 * HASH_SIZE
+
+NEAR_DUPLICATE_COLUMNS = ["group", "split", "path", "class", "distance"]
+
+
+def image_phash(path: Path) -> int:
+    """Return the 64-bit pHash of one image file as a Python int (bit 63 = first DCT bit).
+
+    Read with :func:`imgcls.data.images.read_image` (upright RGB, JPEGs drafted to >= 64 px),
+    hashed with ``imagehash.phash(hash_size=8)``. Raises
+    :class:`imgcls.data.images.ImageReadError` naming the file when it cannot be read.
+    """
+    img = images.read_image(path, target_size=HASH_READ_SIZE)
+    return int(str(imagehash.phash(img, hash_size=HASH_SIZE)), 16)
+
+
+def _hasher_identity() -> str:
+    return (
+        f"imagehash {imagehash.__version__} phash {HASH_SIZE}; read {HASH_READ_SIZE}; "
+        f"pillow {PIL.__version__}; rules {images.READER_RULES}"
+    )
+
+
+def hash_record_file(folder: Path) -> Path:
+    """Return the hash record of a split folder (it may not exist).
+
+    ``<cache>/phash/<sha256 of the folder's resolved path, 24 hex>.json``.
+    """
+    digest = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:24]
+    return paths.cache_dir() / "phash" / f"{digest}.json"
+
+
+def _load_record(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Return ``relpath -> (size, mtime_ns, hash)`` recorded by this hasher; empty if none."""
+    try:
+        document = json.loads(hash_record_file(folder).read_text())
+        if document.get("hasher") != _hasher_identity():
+            return {}
+        return {
+            rel: (int(size), int(mtime), int(value, 16))
+            for rel, (size, mtime, value) in document["files"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _save_record(folder: Path, files: dict[str, tuple[int, int, int]]) -> None:
+    """Write the record atomically (temporary file + rename); an unwritable cache is ignored."""
+    record = hash_record_file(folder)
+    document = {
+        "folder": str(Path(folder).resolve()),
+        "hasher": _hasher_identity(),
+        "files": {rel: [s, m, f"{h:016x}"] for rel, (s, m, h) in sorted(files.items())},
+    }
+    with contextlib.suppress(OSError):
+        record.parent.mkdir(parents=True, exist_ok=True)
+        for old in record.parent.glob("*.json"):  # records of folders that no longer exist
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                if old != record and not Path(json.loads(old.read_text())["folder"]).is_dir():
+                    old.unlink()
+        handle, tmp = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as stream:
+                json.dump(document, stream, separators=(",", ":"))
+            os.replace(tmp, record)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def folder_hashes(folder: ImageFolder) -> np.ndarray:
+    """Return the pHash (uint64, shape [N]) of each of the N images of ``folder``, in order.
+
+    Files whose (relative path, size, mtime) match the record of an earlier call are not read
+    again; the others are hashed on every usable core and recorded (files modified in the last
+    :data:`imgcls.data.validation.RACY_MTIME_SECONDS` are hashed but not recorded). Raises
+    :class:`imgcls.data.images.ImageReadError` naming a file that cannot be read.
+    """
+    root = Path(folder.root)
+    known = _load_record(root)
+    rels = folder.relpaths()
+    stamps = []
+    for path in folder.paths:
+        info = path.stat()
+        stamps.append((info.st_size, info.st_mtime_ns))
+    values: list[int | None] = [
+        known[rel][2] if known.get(rel, (None, None))[:2] == stamp else None
+        for rel, stamp in zip(rels, stamps, strict=True)
+    ]
+    todo = [i for i, value in enumerate(values) if value is None]
+    if todo:
+        start = time.perf_counter()
+        workers = max(1, min(images.usable_cores(), len(todo)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phash") as pool:
+            hashed = list(pool.map(image_phash, [folder.paths[i] for i in todo]))
+        for i, value in zip(todo, hashed, strict=True):
+            values[i] = value
+        logger.info(
+            "hashed %d image(s) of %s in %.2fs", len(todo), root, time.perf_counter() - start
+        )
+    not_before = time.time_ns() - int(RACY_MTIME_SECONDS * 1e9)
+    record = {
+        rel: (size, mtime, int(value))
+        for rel, (size, mtime), value in zip(rels, stamps, values, strict=True)
+        if mtime < not_before
+    }
+    if record != known:
+        _save_record(root, record)
+    return np.array(values, dtype=np.uint64)
+
+
+def near_pairs(
+    hashes: np.ndarray, max_distance: int = MAX_DISTANCE, block: int = 2048
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(i, j, distance)`` (int64, each [P]) of every pair i < j within ``max_distance``.
+
+    ``hashes`` is uint64 [N]; distance is the Hamming distance in bits (popcount of the XOR).
+    Compared ``block`` rows at a time, so memory stays O(block * N). Sorted by (i, j).
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1)
+    found_i, found_j, found_d = [], [], []
+    for start in range(0, hashes.size, block):
+        rows = hashes[start : start + block]
+        distance = np.bitwise_count(rows[:, None] ^ hashes[None, :]).astype(np.int64)
+        i, j = np.nonzero(distance <= max_distance)
+        i = i + start
+        keep = j > i
+        found_i.append(i[keep])
+        found_j.append(j[keep])
+        found_d.append(distance[i[keep] - start, j[keep]])
+    if not found_i:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d)
+
+
+def group_ids(hashes: np.ndarray, max_distance: int = MAX_DISTANCE) -> np.ndarray:
+    """Return the near-duplicate group (int64, shape [N]) of each of N hashes (uint64 [N]).
+
+    Groups are the connected components of "Hamming distance <= ``max_distance``" (scipy's
+    ``connected_components``); an image with no near-copy is a group of its own. Ids are
+    0..G-1 in the order of each group's first member, so they depend only on the hashes.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = int(np.asarray(hashes).size)
+    i, j, _ = near_pairs(hashes, max_distance)
+    graph = coo_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    _, first = np.unique(labels, return_index=True)  # first member of each component
+    renumber = np.empty(first.size, dtype=np.int64)
+    renumber[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return renumber[labels]
+
+
+def fold_groups(folder: ImageFolder, max_distance: int = MAX_DISTANCE) -> np.ndarray:
+    """Return the near-duplicate group (int64, shape [N]) of each image of a training split.
+
+    What :func:`imgcls.data.folders.assign_folds` takes as ``groups`` so that every near-copy
+    of an image is in the same fold. Hashes come from :func:`folder_hashes` (recorded).
+    """
+    return group_ids(folder_hashes(folder), max_distance)
+
+
+def _as_folder(folder: ImageFolder | str | Path) -> ImageFolder:
+    return folder if isinstance(folder, ImageFolder) else scan_image_folder(folder)
+
+
+def near_duplicates(
+    train: ImageFolder | str | Path,
+    test: ImageFolder | str | Path | None = None,
+    max_distance: int = MAX_DISTANCE,
+) -> pd.DataFrame:
+    """Return every near-duplicate group of size > 1 within and across the splits.
+
+    One row per member: ``group`` (0..G-1), ``split`` (the split folder's name), ``path``
+    (``<split>/<class>/<file>``), ``class`` and ``distance`` (Hamming bits to the group's
+    representative, its first member: train before test, then by path). Folders given as paths
+    are scanned (:func:`imgcls.data.folders.scan_image_folder`, which raises DataError).
+    """
+    folders = [_as_folder(train)] + ([_as_folder(test)] if test is not None else [])
+    rows = []
+    for folder in folders:
+        split = folder.root.name
+        for rel, label in zip(folder.relpaths(), folder.labels, strict=True):
+            rows.append({"split": split, "path": f"{split}/{rel}", "class": folder.classes[label]})
+    hashes = np.concatenate([folder_hashes(f) for f in folders])
+    groups = group_ids(hashes, max_distance)
+    frame = pd.DataFrame(rows, columns=["split", "path", "class"])
+    frame.insert(0, "group", groups)
+    sizes = np.bincount(groups)
+    keep = sizes[groups] > 1
+    first = {}
+    for index in np.flatnonzero(keep):
+        first.setdefault(int(groups[index]), index)
+    representative = np.array([first.get(int(g), i) for i, g in enumerate(groups)])
+    frame["distance"] = np.bitwise_count(hashes ^ hashes[representative]).astype(np.int64)
+    frame = frame[keep].sort_values("group", kind="stable")
+    frame["group"] = pd.factorize(frame["group"])[0]
+    return frame.reset_index(drop=True)[NEAR_DUPLICATE_COLUMNS]
+
+
+def test_images_with_train_copies(
+    train: ImageFolder | str | Path,
+    test: ImageFolder | str | Path,
+    max_distance: int = MAX_DISTANCE,
+) -> set[Path]:
+    """Return the paths (as in ``test.paths``) of test images with a near-copy in training.
+
+    A test image counts when it is within ``max_distance`` bits of at least one training image
+    (directly, not through a chain of test images). Folders given as paths are scanned.
+    """
+    train, test = _as_folder(train), _as_folder(test)
+    train_hashes, test_hashes = folder_hashes(train), folder_hashes(test)
+    leaked = set()
+    for index, value in enumerate(test_hashes):
+        if np.bitwise_count(train_hashes ^ value).min(initial=64) <= max_distance:
+            leaked.add(test.paths[index])
+    return leaked
+
+
+test_images_with_train_copies.__test__ = False  # a library function, not a pytest test
