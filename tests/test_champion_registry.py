@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from imgcls import tracking
 from imgcls.core.names import InvalidNameError
-from imgcls.evaluation.comparison import GridComparison
+from imgcls.selection.comparison import GridComparison
 
 
 class _Constant(mlflow.pyfunc.PythonModel):

@@ -43,6 +43,7 @@ def test_the_copy_has_the_checkouts_code_version(checkout):
         "lib/imgcls/pipeline/runner.py",
         "lib/imgcls/serving/predict.py",
         "lib/imgcls/tracking/lineage.py",
+        "lib/imgcls/selection/comparison.py",
         "requirements-dev.txt",
         "notebooks/04_compare_runs.ipynb",
     ],

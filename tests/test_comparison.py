@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from imgcls import tracking
-from imgcls.evaluation.comparison import PARAM_FOLD_ASSIGNMENT, GridComparison
+from imgcls.selection.comparison import PARAM_FOLD_ASSIGNMENT, GridComparison
 
 # Fold accuracies of test_metrics.test_corrected_ttest_three_folds_by_hand: with 30 training
 # images in 3 folds (n_train 20, n_test 10) the corrected t is 2.5298221 and p 0.1271284.

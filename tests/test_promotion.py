@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from imgcls.evaluation.metrics import compare_to_best
-from imgcls.evaluation.noisefloor import NoiseFloor, closer_than_floor, noise_floor
-from imgcls.evaluation.promotion import Verdict, decide_promotion, holm, with_holm
+from imgcls.selection.noisefloor import NoiseFloor, closer_than_floor, noise_floor
+from imgcls.selection.promotion import Verdict, decide_promotion, holm, with_holm
 
 N_TRAIN, N_TEST = 400, 100
 T95, T975, T80 = 2.131847, 2.776445, 0.940965  # t quantiles, 4 degrees of freedom

@@ -8,7 +8,8 @@ layer and the layers before it in :data:`LAYERS`, never from a later one
 - ``data``: reading images, listing a dataset folder, validation records, decoded-image caches
 - ``modeling``: backbones, feature caches, the training loop and folds, checkpoints
 - ``tracking``: the MLflow adapter (store, tags, run keys, lineage)
-- ``evaluation``: metrics, test-set evaluation, comparison of grid points
+- ``evaluation``: metrics, test-set evaluation of a grid point
+- ``selection``: grid points compared on shared folds, the champion, promotion, noise floor
 - ``serving``: the pyfunc model and the predict CLI
 - ``reporting``: figures and HTML pages
 - ``pipeline``: the training session, notebook execution, grid points, the runner, Dask
@@ -23,6 +24,7 @@ LAYERS: tuple[str, ...] = (
     "modeling",
     "tracking",
     "evaluation",
+    "selection",
     "serving",
     "reporting",
     "pipeline",

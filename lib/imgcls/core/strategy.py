@@ -8,7 +8,7 @@ number for a float (an int is taken as a float). Ranges are pydantic ``Field`` c
 is wrong and how to fix it (:func:`check_fields`).
 
 :class:`PromotionSettings` is the grid file's ``promotion:`` section: how a challenger is judged
-against the previous champion (:mod:`imgcls.evaluation.promotion`); it is checked the same way
+against the previous champion (:mod:`imgcls.selection.promotion`); it is checked the same way
 (:func:`check_promotion`) and changes no grid point, so it is not part of any run key.
 """
 
@@ -106,7 +106,7 @@ TUNABLE_FIELDS: tuple[str, ...] = tuple(
 class PromotionSettings(BaseModel):
     """The grid file's ``promotion:`` section: when a challenger replaces the previous champion.
 
-    Read by :func:`imgcls.evaluation.promotion.decide_promotion`. ``rope`` is Kruschke's region of
+    Read by :func:`imgcls.selection.promotion.decide_promotion`. ``rope`` is Kruschke's region of
     practical equivalence (Kruschke 2018, "Rejecting or accepting parameter values in Bayesian
     estimation"; Benavoli et al. 2017, "Time for a change", JMLR 18(77)) in accuracy, as a
     fraction (0.005 = 0.5 accuracy points); ``alpha`` is the error rate of each one-sided test

@@ -31,11 +31,11 @@ from imgcls.data.folders import (
     require_split,
     scan_image_folder,
 )
-from imgcls.evaluation.comparison import PARAM_FOLD_ASSIGNMENT
 from imgcls.modeling.checkpoint import save_checkpoint
 from imgcls.modeling.crossval import CVResult, cross_validate, prepare_inputs, refit
 from imgcls.modeling.features import set_threads
 from imgcls.modeling.training import TrainingInputs
+from imgcls.selection.comparison import PARAM_FOLD_ASSIGNMENT
 
 logger = logging.getLogger(__name__)
 

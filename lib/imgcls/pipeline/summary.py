@@ -79,7 +79,7 @@ def check_gate(plan: Plan, options: RunnerOptions) -> int:
     Raises tracking.TrackingError (from ``GridComparison.load``) when the experiment or the
     grid's finished runs are not in the store.
     """
-    from imgcls.evaluation.comparison import GridComparison
+    from imgcls.selection.comparison import GridComparison
 
     comparison = GridComparison.load(options.experiment, plan.grid_id, plan.tracking_uri)
     champion = comparison.champion()

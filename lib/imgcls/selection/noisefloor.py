@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from imgcls.evaluation.promotion import check_scores
+from imgcls.selection.promotion import check_scores
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ Sources:
   of Statistics 6(2), 65-70.
 
 The noise floor (run-to-run spread, smallest detectable difference) is in
-:mod:`imgcls.evaluation.noisefloor`.
+:mod:`imgcls.selection.noisefloor`.
 """
 
 from __future__ import annotations
