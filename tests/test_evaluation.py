@@ -130,3 +130,25 @@ def test_downloaded_checkpoints_are_removed_with_the_session(tmp_path, isolated_
     del session
     gc.collect()
     assert not downloaded.exists()
+
+
+def test_test_accuracy_is_reported_without_test_images_copied_from_training(session, tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data / "train", {"forest": 4, "sea": 4}, seed=1, size=64)
+    write_dataset(data / "test", {"forest": 3, "sea": 3}, seed=2, size=64)
+    # a training photo, resized and re-encoded, planted in test: a near-copy, not a byte copy
+    from PIL import Image
+
+    Image.open(data / "train" / "sea" / "sea_001.jpg").resize((80, 80)).save(
+        data / "test" / "sea" / "copy_of_train.jpg", quality=60
+    )
+    result = session.evaluate_test(str(data))
+    table = session.without_train_copies(result, str(data))
+    assert table.loc["all test images", "images"] == 7
+    assert table.loc["without near-copies", "images"] == 6
+    correct = result.predictions == result.folder.labels
+    clean = [p.name != "copy_of_train.jpg" for p in result.folder.paths]
+    assert table.loc["without near-copies", "accuracy"] == pytest.approx(correct[clean].mean())
+    logged = MlflowClient().get_run(session.run_id).data.metrics
+    assert logged["test_images_with_train_copies"] == 1
+    assert logged["test_accuracy_without_train_copies"] == pytest.approx(correct[clean].mean())

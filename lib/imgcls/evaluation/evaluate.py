@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from imgcls import tracking
 from imgcls.core import names
+from imgcls.data import duplicates
 from imgcls.data.cache import decoded_images
 from imgcls.data.folders import (
     DataError,
@@ -239,6 +240,44 @@ class EvaluationSession:
         """Score the refit model on the ``test`` split of the dataset."""
         root = Path(data_dir) if data_dir else None
         return self.evaluate(self.load_folder(require_split("test", root), skip_bad_images), "test")
+
+    def without_train_copies(
+        self, result: EvaluationResult, data_dir: str | None = None, skip_bad_images: bool = False
+    ) -> pd.DataFrame:
+        """Return test accuracy with and without test images that have a near-copy in training.
+
+        A near-copy is a training image within :data:`imgcls.data.duplicates.MAX_DISTANCE` bits
+        of perceptual hash (resized, re-encoded, slightly edited copies). Rows: all test images,
+        and those without a near-copy; columns: images, accuracy (fraction) and its 95% Wilson
+        interval. Logs ``<prefix>_images_with_train_copies`` and
+        ``<prefix>_accuracy_without_train_copies`` (linked to the refit model and the dataset).
+        """
+        root = Path(data_dir) if data_dir else None
+        train = scan_image_folder(require_split("train", root), skip_bad=skip_bad_images)
+        leaked = duplicates.test_images_with_train_copies(train, result.folder)
+        clean = np.array([path not in leaked for path in result.folder.paths], dtype=bool)
+        correct = result.predictions == result.folder.labels
+        rows = {}
+        for label, mask in (
+            ("all test images", np.ones_like(clean)),
+            ("without near-copies", clean),
+        ):
+            n, hits = int(mask.sum()), int(correct[mask].sum())
+            low, high = metrics.wilson_interval(hits, n)
+            rows[label] = {
+                "images": n,
+                "accuracy": hits / n if n else float("nan"),
+                "ci_low": low,
+                "ci_high": high,
+            }
+        prefix = metric_prefix(result.name)
+        values = {f"{prefix}_images_with_train_copies": float(len(leaked))}
+        if clean.any():
+            values[f"{prefix}_accuracy_without_train_copies"] = rows["without near-copies"][
+                "accuracy"
+            ]
+        self._log_model_metrics(values, result.dataset)
+        return pd.DataFrame(rows).T
 
     def fold_probabilities(self, path: Path, result: EvaluationResult) -> np.ndarray:
         """Return a fold checkpoint's softmax probabilities ``[N, C]`` on the folder of ``result``.
