@@ -1,4 +1,8 @@
-"""The champion alias moves between grids, and only the current champion's run says so."""
+"""The champion alias moves between grids, and only the current champion's run says so.
+
+The alias moves only on a promotion verdict (tests/test_promotion_flow.py covers KEEP and
+EQUIVALENT_CHEAPER); here the second grid is better by 5 points on the same folds.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +33,16 @@ def _grid(
         tracking.TAG_GRID_POINT: f"point-{grid_id}",
         tracking.TAG_STRATEGY: "s",
     }
+    tags["data_md5"] = "d1"
+    folds = [accuracy - 0.01, accuracy, accuracy + 0.01]  # on the same folds in every grid
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
         mlflow.pyfunc.log_model(name="model", python_model=_Constant())
-        mlflow.log_metrics({"cv_accuracy_mean": accuracy, "cv_loss_mean": 0.1})
+        mlflow.log_param("fold_assignment", "aaaaaaaaaaaa")
+        mlflow.log_metrics(
+            {"cv_accuracy_mean": accuracy, "cv_loss_mean": 0.1, "n_train_images": 30.0}
+        )
+        for step, value in enumerate(folds):
+            mlflow.log_metric("fold_val_accuracy", value, step=step)
     grid = GridComparison.load(experiment_name, grid_id)
     assert grid.runs["run_id"].tolist() == [run.info.run_id]
     return grid
@@ -45,6 +56,7 @@ def test_a_new_champion_takes_the_alias_and_the_old_run_loses_its_tag(tmp_path):
     assert client.get_run(first["run_id"]).data.tags["champion"] == "true"
 
     second = _grid("g2", experiment, 0.95).register_champion("registry-model")
+    assert second["verdict"].verdict == "PROMOTE" and second["incumbent_version"] == "1"
     assert second["version"] == first["version"] + 1
     alias = client.get_model_version_by_alias("registry-model", "champion")
     assert int(alias.version) == second["version"]

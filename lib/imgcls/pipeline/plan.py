@@ -3,6 +3,12 @@
 ``build_plan`` checks the grid file, the data, every name that reaches MLflow and the tracking
 store before anything runs, and decides per grid point whether it runs or is skipped (a finished
 run with the same run key exists); ``print_plan`` prints it. Nothing here executes a notebook.
+
+When the champion will be registered and the registry already has one whose fold scores cannot
+be paired with this grid's (another data version or fold assignment), the plan gets one extra
+grid point, ``incumbent``: that champion's logged strategy trained on this grid's folds
+(:func:`imgcls.selection.incumbent.plan_incumbent`), so notebook 04 can judge the new champion
+against it. It is never registered itself.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from imgcls.core.config import (
 )
 from imgcls.data.folders import check_same_classes, data_version, require_split, scan_image_folder
 from imgcls.pipeline.gridpoint import log
+from imgcls.selection.incumbent import IncumbentPlan, find_incumbent, plan_incumbent
 
 
 @dataclass
@@ -57,6 +64,7 @@ class GridPoint:
     action: str = "run"  # run | skip
     existing_run_id: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # extra run tags (the incumbent's)
 
 
 @dataclass
@@ -71,6 +79,7 @@ class Plan:
     experiment_id: str
     points: list[GridPoint]
     model_name: str | None = None  # the registered model name; None with --no-register
+    incumbent: IncumbentPlan | None = None  # the registry's champion, reused or re-trained
 
 
 def _load_grid(path: Path, only: list[str] | None = None) -> Grid:
@@ -132,7 +141,15 @@ def build_plan(options: RunnerOptions) -> Plan:
         key = run_key(strategy, md5, code)
         existing = None if options.force else tracking.find_completed_run(experiment_id, key)
         points.append(GridPoint(strategy, key, "skip" if existing else "run", existing))
-    return Plan(grid, grid_id, md5, code, uri, experiment_id, points, model_name)
+    incumbent = plan_incumbent(
+        find_incumbent(model_name) if model_name else None, train, md5, full_grid.strategies
+    )
+    if incumbent is not None and incumbent.strategy is not None:
+        key = run_key(incumbent.strategy, md5, code)
+        existing = None if options.force else tracking.find_completed_run(experiment_id, key)
+        action = "skip" if existing else "run"
+        points.append(GridPoint(incumbent.strategy, key, action, existing, tags=incumbent.tags()))
+    return Plan(grid, grid_id, md5, code, uri, experiment_id, points, model_name, incumbent)
 
 
 def print_plan(plan: Plan) -> None:
@@ -146,6 +163,8 @@ def print_plan(plan: Plan) -> None:
         what = "run" if point.action == "run" else f"skip (finished run {point.existing_run_id})"
         deltas = point.strategy.extra.get("grid_values") or {}
         log(f"  {i:2d}. {point.strategy.run_name:<40} key {point.key}  {what} {deltas or ''}")
+    if plan.incumbent is not None:
+        log(plan.incumbent.sentence())
     if plan.model_name:
         log(f"champion will be registered as models:/{plan.model_name}@champion")
     else:

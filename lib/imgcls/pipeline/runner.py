@@ -45,6 +45,14 @@ def _notebook_parameters(plan: Plan, options: RunnerOptions, torch_threads: int)
     }
 
 
+def _promotion_parameters(plan: Plan) -> dict[str, Any]:
+    """The grid file's ``promotion:`` settings as notebook 04's parameters."""
+    return {
+        "promotion_rope": plan.grid.promotion.rope,
+        "promotion_alpha": plan.grid.promotion.alpha,
+    }
+
+
 def run_single_notebook(
     plan: Plan,
     options: RunnerOptions,
@@ -52,8 +60,13 @@ def run_single_notebook(
     kind: str,
     parameters: dict[str, Any],
     out_dir: Path,
+    run_id_parameter: str | None = None,
 ) -> dict[str, Any]:
-    """Execute a once-per-grid notebook (01 or 04) into its own MLflow run; return the outcome."""
+    """Execute a once-per-grid notebook (01 or 04) into its own MLflow run; return the outcome.
+
+    With ``run_id_parameter``, the notebook gets that run's id as that parameter (04 writes the
+    promotion verdict to it).
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -69,6 +82,8 @@ def run_single_notebook(
             **tracking.source_tags(tracking.SOURCE_RUNNER),
         },
     )
+    if run_id_parameter:
+        parameters = {**parameters, run_id_parameter: run.info.run_id}
     output = out_dir / f"{name}.ipynb"
     start = time.perf_counter()
     log(f"{name} started (run {run.info.run_id})")
@@ -95,6 +110,7 @@ def run_single_notebook(
 def _task(plan: Plan, options: RunnerOptions, point: GridPoint, threads: int) -> dict[str, Any]:
     strategy = point.strategy
     tags = tracking.lineage_tags(strategy, plan.data_md5, plan.grid_id, code=plan.code_version)
+    tags.update(point.tags)  # the incumbent point says which registered version it re-trains
     deltas = {k: v for k, v in strategy.params().items() if k != "name"}
     return {
         "tracking_uri": plan.tracking_uri,
@@ -121,7 +137,10 @@ def run_grid(options: RunnerOptions) -> int:
     for name, params in [
         ("02_train_cv", {"strategy": {}, "strategy_name": "x", "parent_run_id": None}),
         ("01_data", {"folds": 5}),
-        ("04_compare_runs", {"grid_id": None}),
+        (
+            "04_compare_runs",
+            {"grid_id": None, "comparison_run_id": None, **_promotion_parameters(plan)},
+        ),
     ]:
         check_parameters(name, params)  # the notebooks still declare what the runner injects
     if options.dry_run:
@@ -180,8 +199,10 @@ def _execute_plan(plan: Plan, options: RunnerOptions, start: float) -> int:
             "tracking_uri": plan.tracking_uri,
             "model_name": plan.model_name,
             "register": options.register,
+            **_promotion_parameters(plan),
         },
         reports / "comparison",
+        run_id_parameter="comparison_run_id",
     )
     from imgcls.reporting.reports import write_index
 

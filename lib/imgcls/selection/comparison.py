@@ -1,13 +1,14 @@
 """What notebook 04 does: every grid point side by side from MLflow, the champion, the registry.
 
 The champion is chosen on cross-validation (highest mean CV accuracy; ties: lower CV loss, then
-faster); test scores are shown but never used to choose. Only the champion is registered, and
-its version gets the alias ``champion``.
+faster) among the grid's points, never the ``incumbent`` point (the previous champion re-trained
+on this grid's folds); test scores are shown but never used to choose. The champion is then
+judged against the registry's incumbent (:mod:`imgcls.selection.verdict`): the alias
+``champion`` moves to its version only on PROMOTE or EQUIVALENT_CHEAPER.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +21,24 @@ from mlflow.tracking import MlflowClient
 from imgcls import tracking
 from imgcls.core import names
 from imgcls.evaluation import metrics
+from imgcls.selection import verdict as verdicts
+from imgcls.selection.incumbent import (
+    CHAMPION_ALIAS,
+    INCUMBENT_POINT,
+    PARAM_FOLD_ASSIGNMENT,
+    current_champion,
+    find_incumbent,
+)
+from imgcls.selection.noisefloor import NoiseFloor, noise_floor
+from imgcls.selection.promotion import with_holm
 
 logger = logging.getLogger(__name__)
 
-CHAMPION_ALIAS = "champion"
-# MLflow param of a grid-point run naming its folds (imgcls.data.folders.fold_assignment_hash):
-# fold scores of two runs are paired only when both carry the same value.
-PARAM_FOLD_ASSIGNMENT = "fold_assignment"
+# PARAM_FOLD_ASSIGNMENT: the MLflow param of a grid-point run naming its folds
+# (imgcls.data.folders.fold_assignment_hash): fold scores of two runs are paired only when both
+# carry the same value. Re-exported here with CHAMPION_ALIAS and INCUMBENT_POINT.
+__all__ = ["CHAMPION_ALIAS", "INCUMBENT_POINT", "PARAM_FOLD_ASSIGNMENT", "GridComparison"]
+_current_champion = current_champion
 SIGNIFICANCE_COLUMNS = ["mean_difference", "t", "p_value", "pairing"]
 
 
@@ -168,8 +180,9 @@ class GridComparison:
                 "run_id": self.runs["run_id"],
             }
         )
-        significance = self.significance()
+        significance = with_holm(self.significance())
         table["p_value_vs_best"] = significance["p_value"]
+        table["p_holm_vs_best"] = significance["p_holm"]
         table["pairing_vs_best"] = significance["pairing"]
         table["is_champion"] = table.index == self.champion()
         return table.sort_values("cv_accuracy_mean", ascending=False)
@@ -200,6 +213,7 @@ class GridComparison:
                 "train s": t["train_seconds"].round(1),
                 "img/s": t["images_per_second"].round(0),
                 "p vs champion": t["p_value_vs_best"].round(4),
+                "p Holm": t["p_holm_vs_best"].round(4),
                 "paired on": t["pairing_vs_best"],
                 "gate": t["gate"],
                 "champion": t["is_champion"].map({True: "★", False: ""}),
@@ -208,7 +222,11 @@ class GridComparison:
         )
 
     def champion(self) -> str:
-        """Return the grid point chosen on cross-validation (accuracy, then loss, then time)."""
+        """Return the grid point chosen on cross-validation (accuracy, then loss, then time).
+
+        The ``incumbent`` point (the previous champion re-trained on this grid's folds) is never
+        chosen: it is what the champion is judged against (:meth:`register_champion`).
+        """
         candidates = pd.DataFrame(
             {
                 "cv_accuracy_mean": self._metric("cv_accuracy_mean"),
@@ -216,7 +234,32 @@ class GridComparison:
                 "train_seconds": self._metric("cv_train_seconds"),
             }
         ).dropna(subset=["cv_accuracy_mean"])
-        return metrics.choose_champion(candidates)
+        return metrics.choose_champion(candidates.drop(index=INCUMBENT_POINT, errors="ignore"))
+
+    def fold_sizes(self, point: str) -> tuple[float, float]:
+        """Return (n_train, n_test): the training and validation images per fold of ``point``.
+
+        Its ``n_train_images`` metric split into as many folds as it logged fold scores; NaN
+        when either is missing.
+        """
+        k = len(self.fold_scores()[point])
+        n_total = float(self._metric("n_train_images").get(point, np.nan))
+        n_test = n_total / k if k else np.nan
+        return (n_total - n_test, n_test)
+
+    def noise_floor(self, alpha: float = 0.05, power: float = 0.8) -> tuple[NoiseFloor, list[str]]:
+        """Return the champion's noise floor from its fold spread, and the points inside it.
+
+        :func:`imgcls.selection.noisefloor.noise_floor` on the champion's fold scores (no seed
+        repetitions yet: the fold spread stands in for the run-to-run spread) and
+        :func:`~imgcls.selection.noisefloor.closer_than_floor` over mean CV accuracy (the grid
+        points whose distance to the champion is below the smallest detectable difference).
+        Raises ValueError when the champion has fewer than 2 fold scores or no n_train_images.
+        """
+        best = self.champion()
+        floor = noise_floor(None, self.fold_scores()[best], *self.fold_sizes(best), alpha, power)
+        means = self._metric("cv_accuracy_mean").to_dict()
+        return floor, floor.closer_than_floor(means, best)
 
     def significance(self) -> pd.DataFrame:
         """Return the corrected resampled t-test of the champion against every other grid point.
@@ -272,12 +315,24 @@ class GridComparison:
             f"{best['test_accuracy_ci_high']:.3f}]."
         )
 
-    def register_champion(self, model_name: str | None = None) -> dict[str, Any]:
-        """Register the champion's model, point the ``champion`` alias at it; return the details.
+    def register_champion(
+        self,
+        model_name: str | None = None,
+        rope: float = 0.005,
+        alpha: float = 0.05,
+        comparison_run_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Judge the champion against the registry's incumbent, register it, move the alias if it
+        wins; return the details and the verdict.
 
-        The name is :func:`imgcls.core.names.registered_model_name`: ``model_name`` if MLflow's registry
-        accepts it, else (None) ``<experiment>-classifier`` with the characters the registry
-        refuses mapped to ``-``. Raises imgcls.core.names.InvalidNameError (a ValueError) for a
+        The name is :func:`imgcls.core.names.registered_model_name`: ``model_name`` if MLflow's
+        registry accepts it, else (None) ``<experiment>-classifier`` with the characters the
+        registry refuses mapped to ``-``. ``rope`` / ``alpha``: the grid file's ``promotion:``
+        settings (:func:`imgcls.selection.promotion.decide_promotion`). The verdict is written to
+        the champion's registry version (:func:`imgcls.selection.verdict.apply_verdict`: a KEEP
+        registers it without the alias) and, with ``comparison_run_id``, to that run's tags and
+        metrics. Returns :func:`~imgcls.selection.verdict.apply_verdict`'s dict plus
+        ``judgement``. Raises imgcls.core.names.InvalidNameError (a ValueError) for a
         ``model_name`` the registry would refuse, before anything is registered, and
         tracking.TrackingError when the champion's run has no logged model.
         """
@@ -288,44 +343,11 @@ class GridComparison:
             model_uri = tracking.logged_model(run["run_id"]).model_uri
         except tracking.TrackingError as exc:
             raise tracking.TrackingError(f"{point}: {exc}") from exc
-        client = MlflowClient()
-        existing = _current_champion(client, name)
-        if existing and existing.run_id == run["run_id"]:
-            version = existing
-        else:
-            version = mlflow.register_model(
-                model_uri,
-                name,
-                tags={
-                    tracking.TAG_GRID_ID: self.grid_id,
-                    "run_id": run["run_id"],
-                    "grid_point": point,
-                },
-            )
-            client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
-            if existing:  # the alias moved: the previous champion's run is no longer one
-                with contextlib.suppress(mlflow.exceptions.MlflowException):
-                    client.set_tag(existing.run_id, "champion", "false")
-        client.set_tag(run["run_id"], "champion", "true")
-        uri = f"models:/{name}@{CHAMPION_ALIAS}"
-        logger.info(
-            "Registered %s -> version %s (run %s, %s)", uri, version.version, run["run_id"], point
-        )
-        return {
-            "name": name,
-            "version": int(version.version),
-            "alias": CHAMPION_ALIAS,
-            "uri": uri,
-            "run_id": run["run_id"],
-            "grid_point": point,
-        }
-
-
-def _current_champion(client: MlflowClient, name: str) -> Any:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except mlflow.exceptions.MlflowException:
-        return None
+        judgement = verdicts.judge(run, self.runs, find_incumbent(name), rope, alpha)
+        result = verdicts.apply_verdict(name, model_uri, run, point, self.grid_id, judgement)
+        if comparison_run_id:
+            verdicts.log_to_run(comparison_run_id, judgement)
+        return {**result, "judgement": judgement}
 
 
 def _why_not_paired(

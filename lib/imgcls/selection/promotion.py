@@ -127,10 +127,16 @@ def _cost(value: Sequence[float] | None, who: str) -> Cost | None:
 
 
 def _cheaper(challenger: Cost | None, incumbent: Cost | None) -> bool | None:
-    """Lexicographic: lower training seconds, then lower latency. None when a cost is unknown."""
-    if challenger is None or incumbent is None or any(map(math.isnan, challenger + incumbent)):
+    """Lexicographic: lower training seconds, then lower latency. None when a cost that the
+    comparison needs is unknown (a latency is needed only when the training seconds tie; no
+    notebook logs a latency yet)."""
+    if challenger is None or incumbent is None or math.isnan(challenger[0] + incumbent[0]):
         return None
-    return challenger < incumbent
+    if challenger[0] != incumbent[0]:
+        return challenger[0] < incumbent[0]
+    if math.isnan(challenger[1] + incumbent[1]):
+        return None
+    return challenger[1] < incumbent[1]
 
 
 def _one_sided(excess: float, se: float, df: int) -> tuple[float, float]:
@@ -185,7 +191,8 @@ def decide_promotion(
       corrected t-test of "difference > rope" has p < alpha), or when there is no incumbent;
     * EQUIVALENT_CHEAPER when the whole interval lies inside [-rope, +rope] (a difference of
       practical equivalence, Kruschke 2018; Benavoli et al. 2017) and the challenger is cheaper:
-      lower training seconds, then lower latency (lexicographic; a tie is not cheaper);
+      lower training seconds, then lower latency (lexicographic; a tie is not cheaper; an
+      unknown latency matters only when the training seconds tie);
     * KEEP otherwise: the challenger is worse, not better by more than the rope, equivalent but
       not cheaper (or a cost unknown), or the interval is too wide to tell.
 
