@@ -114,6 +114,11 @@ def judge(
                 Verdict.PROMOTE, "PROMOTE: no previous champion", k, rope, alpha, cost
             )
         return Judgement(verdict, None, "no previous champion")
+    if incumbent.run_id == challenger["run_id"]:
+        reason = f"KEEP: the challenger is {incumbent.label} itself (same run): nothing to promote"
+        same = _unmeasured(Verdict.KEEP, reason, k, rope, alpha, cost)
+        same = dataclasses.replace(same, mean_difference=0.0, ci_low=0.0, ci_high=0.0)
+        return Judgement(same, incumbent, "the challenger's own run", identical=True)
     found = incumbent_fold_scores(incumbent, challenger, points, metric)
     if not isinstance(found, IncumbentScores) or not usable:
         why = found if isinstance(found, str) else "the challenger has < 2 fold scores or no size"
@@ -129,11 +134,7 @@ def judge(
             raise
         reason = f"KEEP: the fold scores cannot be paired: {exc}"
         return Judgement(_unmeasured(Verdict.KEEP, reason, k, rope, alpha, cost), incumbent, reason)
-    identical = incumbent.run_id == challenger["run_id"]
-    if identical:
-        reason = f"KEEP: the challenger is {incumbent.label} itself (same run): nothing to promote"
-        verdict = dataclasses.replace(verdict, verdict=Verdict.KEEP, reason=reason)
-    return Judgement(verdict, incumbent, found.source, identical)
+    return Judgement(verdict, incumbent, found.source)
 
 
 def verdict_tags(judgement: Judgement) -> dict[str, str]:
