@@ -12,7 +12,6 @@ import pandas as pd
 from imgcls.data import duplicates
 from imgcls.data.folders import (
     ImageFolder,
-    assign_folds,
     check_same_classes,
     data_version,
     expected_data_md5,
@@ -172,7 +171,7 @@ def fold_balance(folder: ImageFolder, folds: int, seed: int) -> pd.DataFrame:
     The assignment cross-validation uses: stratified, with each near-duplicate group of
     :func:`imgcls.data.duplicates.fold_groups` inside one fold.
     """
-    assignment = assign_folds(folder.labels, folds, seed, groups=duplicates.fold_groups(folder))
+    assignment = duplicates.split_folds(folder, folds, seed)
     table = pd.crosstab(
         pd.Series([folder.classes[i] for i in folder.labels], name="class"),
         pd.Series(assignment, name="fold"),

@@ -50,7 +50,7 @@ import PIL
 
 from imgcls.core import paths
 from imgcls.data import images
-from imgcls.data.folders import ImageFolder, scan_image_folder
+from imgcls.data.folders import ImageFolder, assign_folds, scan_image_folder
 from imgcls.data.validation import RACY_MTIME_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -222,6 +222,17 @@ def fold_groups(folder: ImageFolder, max_distance: int = MAX_DISTANCE) -> np.nda
     of an image is in the same fold. Hashes come from :func:`folder_hashes` (recorded).
     """
     return group_ids(folder_hashes(folder), max_distance)
+
+
+def split_folds(folder: ImageFolder, folds: int, seed: int) -> np.ndarray:
+    """Return the fold (int64, shape [N]) of each image of a training split: the one rule.
+
+    Stratified group k-fold with every near-duplicate group of :func:`fold_groups` inside one
+    fold (:func:`imgcls.data.folders.assign_folds`). Cross-validation, notebook 01's fold
+    table and the plan's incumbent check all call this, so they always agree. Raises DataError
+    as ``assign_folds`` does (more folds than a class has groups).
+    """
+    return assign_folds(folder.labels, folds, seed, groups=fold_groups(folder))
 
 
 def _as_folder(folder: ImageFolder | str | Path) -> ImageFolder:

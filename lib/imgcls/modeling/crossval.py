@@ -1,6 +1,6 @@
 """k-fold cross-validation of a strategy and its refit on all training data.
 
-Folds come from :func:`imgcls.data.folders.assign_folds` (stratified, seeded: every strategy of
+Folds come from :func:`imgcls.data.duplicates.split_folds` (stratified, seeded: every strategy of
 a data version is scored on the same folds); each fold and the refit run the loop of
 :mod:`imgcls.modeling.training`. Progress lines go to this module's logger (INFO).
 """
@@ -17,7 +17,7 @@ import torch
 
 from imgcls.core.config import Strategy
 from imgcls.data import duplicates
-from imgcls.data.folders import ImageFolder, assign_folds
+from imgcls.data.folders import ImageFolder
 from imgcls.modeling.features import pick_device
 from imgcls.modeling.models import Classifier, Preprocessing
 from imgcls.modeling.training import FoldResult, TrainingInputs, train_rows
@@ -86,9 +86,7 @@ def cross_validate(
     setup = 0.0
     if inputs is None:
         inputs, setup = prepare_inputs(strategy, folder, data_md5, device, progress)
-    assignment = assign_folds(
-        folder.labels, strategy.folds, strategy.seed, groups=duplicates.fold_groups(folder)
-    )
+    assignment = duplicates.split_folds(folder, strategy.folds, strategy.seed)
     results = []
     for fold in range(strategy.folds):
         start = time.perf_counter()

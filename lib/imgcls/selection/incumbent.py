@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from imgcls import tracking
 from imgcls.core.config import TUNABLE_FIELDS, ConfigError, Strategy, strategy_from_dict
 from imgcls.data import duplicates
-from imgcls.data.folders import ImageFolder, assign_folds, fold_assignment_hash
+from imgcls.data.folders import ImageFolder, fold_assignment_hash
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ def fold_assignment_of(folder: ImageFolder, folds: int, seed: int) -> str:
     :func:`imgcls.data.folders.fold_assignment_hash`. Raises DataError as
     :func:`~imgcls.data.folders.assign_folds` does.
     """
-    groups = duplicates.fold_groups(folder)
-    return fold_assignment_hash(folder.relpaths(), assign_folds(folder.labels, folds, seed, groups))
+    return fold_assignment_hash(folder.relpaths(), duplicates.split_folds(folder, folds, seed))
 
 
 @dataclass(frozen=True)
