@@ -213,6 +213,7 @@ class EvaluationSession:
         md5 = data_version(folder.root)
         probs = predict_folder(self.model, self.prep, folder, md5, self.device)
         scores = metrics.classification_metrics(folder.labels, probs, self.classes)
+        scores["ece"] = metrics.expected_calibration_error(folder.labels, probs)
         prefix = metric_prefix(name)
         logged = {f"{prefix}_{k}": v for k, v in scores.items() if np.isfinite(v)}
         logged[f"{prefix}_skipped_images"] = len(folder.skipped)

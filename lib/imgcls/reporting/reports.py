@@ -76,7 +76,12 @@ def _row(point: Any, reports: Path) -> dict[str, Any]:
         "cv_std": info.get("cv_accuracy_std"),
         "test": info.get("test_accuracy"),
         "gate": str(info.get("tag:quality_gate", "–")),
-        "links": [_link(folder / f"{n}.html", reports, n) for n in NOTEBOOK_REPORTS],
+        "links": [_link(folder / f"{n}.html", reports, n) for n in NOTEBOOK_REPORTS]
+        + (  # written by imgcls.reporting.modelcard for a registered version of this run
+            [_link(reports / info["tag:model_card"], reports, "model card")]
+            if info.get("tag:model_card")
+            else []
+        ),
         "run_id": str(run_id),
         "note": str(note or ""),
     }
