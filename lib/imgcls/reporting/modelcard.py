@@ -65,6 +65,15 @@ def _number(value: Any, digits: int = 4) -> str:
     return f"{number:.{digits}f}" if math.isfinite(number) else UNKNOWN
 
 
+def _tag_value(tags: dict[str, str], key: str) -> str:
+    """A registry tag; ``unknown`` when absent, ``n/a`` for a number the verdict could not have
+    (a first champion has no incumbent, so no difference, interval or p-value)."""
+    value = tags.get(key)
+    if value is None:
+        return UNKNOWN
+    return "n/a" if value.lower() == "nan" else value
+
+
 def _requirements(model_id: str | None) -> list[str]:
     """The logged model's pinned pip requirements (its ``requirements.txt``), [] when unknown."""
     if not model_id:
@@ -147,7 +156,7 @@ def collect(name: str, version: int | str) -> dict[str, Any]:
             _number(values.get("test_accuracy_ci_high"), 3),
         ),
         "calibration": _number(values.get("test_ece")),
-        "promotion": {key: model_version.tags.get(key, UNKNOWN) for key in PROMOTION_TAGS},
+        "promotion": {key: _tag_value(model_version.tags, key) for key in PROMOTION_TAGS},
         "promotion_reason": model_version.description or UNKNOWN,
         "gate": {
             "result": tags.get("quality_gate", UNKNOWN),

