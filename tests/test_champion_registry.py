@@ -79,3 +79,19 @@ def test_champion_of_an_experiment_with_a_slash_is_registered_under_the_mapped_n
     assert registered["uri"] == "models:/vision-team-sea-forest-classifier@champion"
     alias = client.get_model_version_by_alias("vision-team-sea-forest-classifier", "champion")
     assert alias.run_id == registered["run_id"]
+
+
+def test_registration_writes_nothing_to_stderr(tmp_path, capfd, caplog):
+    """MLflow's "Successfully registered model" lines go to the log, not to a red report box."""
+    import logging
+
+    tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = MlflowClient().create_experiment(
+        "registry", artifact_location=(tmp_path / "a").as_uri()
+    )
+    grid = _grid("g1", experiment, 0.9)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="imgcls"):
+        grid.register_champion("quiet-model")
+    assert capfd.readouterr().err == ""
+    assert any("Successfully registered model 'quiet-model'" in r.message for r in caplog.records)

@@ -17,11 +17,11 @@ PACKAGE_LOGGER = "imgcls"
 _HANDLER_NAME = "imgcls-notebook"
 
 
-def prepare(level: int = logging.INFO) -> logging.Logger:
+def prepare(level: int = logging.INFO) -> None:
     """Route ``imgcls`` log records (``level`` and above) to stdout and silence known noise.
 
-    Idempotent: calling it again in the same kernel does not add a second handler. Returns the
-    package logger. Raises nothing.
+    Idempotent: calling it again in the same kernel does not add a second handler. Returns
+    nothing (so the cell shows no output). Raises nothing.
     """
     warnings.filterwarnings("ignore", message="IProgress not found")
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
@@ -32,4 +32,3 @@ def prepare(level: int = logging.INFO) -> logging.Logger:
         handler.set_name(_HANDLER_NAME)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    return logger

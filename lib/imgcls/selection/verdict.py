@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import math
 from dataclasses import dataclass
@@ -176,6 +177,19 @@ def _version_of_run(client: MlflowClient, name: str, run_id: str) -> Any:
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
+def _register(model_uri: str, name: str, tags: dict[str, str]) -> Any:
+    """``mlflow.register_model`` with its two stderr lines ("Successfully registered model ...",
+    "Created version ...") sent to this module's logger instead: on stderr they show as a red
+    error box in every notebook report although nothing went wrong."""
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        version = mlflow.register_model(model_uri, name, tags=tags)
+    for line in captured.getvalue().splitlines():
+        if line.strip():
+            logger.info("%s", line.strip())
+    return version
+
+
 def apply_verdict(
     name: str, model_uri: str, challenger: pd.Series, point: str, grid_id: str, judgement: Judgement
 ) -> dict[str, Any]:
@@ -195,7 +209,7 @@ def apply_verdict(
     if judgement.identical and incumbent is not None:
         version = client.get_model_version(name, str(incumbent.version))
     else:
-        version = _version_of_run(client, name, run_id) or mlflow.register_model(
+        version = _version_of_run(client, name, run_id) or _register(
             model_uri,
             name,
             tags={tracking.TAG_GRID_ID: grid_id, "run_id": run_id, "grid_point": point},
