@@ -98,7 +98,8 @@ def execute_on_worker(task: dict[str, Any], threads_by_host: dict[str, int]) -> 
     worker = get_worker()
     here = threads_by_host.get(get_address_host(worker.address)) or worker.state.nthreads
     threads = max(1, (os.cpu_count() or 1) // max(1, here))
-    task = {**task, "common": {**task["common"], "torch_threads": threads}}
+    steps = {name: {**params, "torch_threads": threads} for name, params in task["steps"].items()}
+    task = {**task, "steps": steps}
     return execute_grid_point(task)
 
 

@@ -91,22 +91,11 @@ def _execute_grid_point(task: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(task["out_dir"])
     timings: dict[str, float] = {}
     status, error = "FINISHED", None
-    common = task["common"]
+    # the notebooks' parameters come from the runner (imgcls.pipeline.runner, checked there
+    # against the notebooks); only this run's id is added here
     steps = [
-        (
-            "02_train_cv",
-            {
-                **common,
-                "strategy": task["strategy"],
-                # the grid point's full name (e.g. learning_rate-lr=0.001): reports keep it
-                "strategy_name": task["run_name"],
-                "parent_run_id": run_id,
-            },
-        ),
-        (
-            "03_evaluate",
-            {**common, "parent_run_id": run_id, "extra_eval_dirs": task["extra_eval_dirs"]},
-        ),
+        (name, {**parameters, "parent_run_id": run_id})
+        for name, parameters in task["steps"].items()
     ]
     pending: list[Future] = []
     try:

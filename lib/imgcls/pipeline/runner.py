@@ -111,22 +111,77 @@ def _task(plan: Plan, options: RunnerOptions, point: GridPoint, threads: int) ->
     strategy = point.strategy
     tags = tracking.lineage_tags(strategy, plan.data_md5, plan.grid_id, code=plan.code_version)
     tags.update(point.tags)  # the incumbent point says which registered version it re-trains
-    deltas = {k: v for k, v in strategy.params().items() if k != "name"}
     return {
         "tracking_uri": plan.tracking_uri,
         "experiment_id": plan.experiment_id,
         "tags": tags,
         "params": strategy.params(),
-        "strategy": deltas,
-        "name": strategy.name,
         "run_name": strategy.run_name,
         "out_dir": str(paths.reports_dir() / strategy.run_name),
-        "common": _notebook_parameters(plan, options, threads),
+        "steps": _grid_point_parameters(plan, options, point, threads),
         "data_dir": options.data_dir,
-        "extra_eval_dirs": list(options.extra_eval_dirs),
         "expected_data_md5": plan.data_md5 if options.executor == "dask" else None,
         "fresh_kernels": options.executor == "dask" or options.workers > 1,
     }
+
+
+def _grid_point_parameters(
+    plan: Plan, options: RunnerOptions, point: GridPoint, threads: int
+) -> dict[str, dict[str, Any]]:
+    """The parameters of a grid point's notebooks 02 and 03, except ``parent_run_id``.
+
+    The grid point's run is created when it executes (:mod:`imgcls.pipeline.gridpoint` adds
+    its id). Built here only, and checked against the notebooks by :func:`check_notebooks`.
+    """
+    common = _notebook_parameters(plan, options, threads)
+    strategy = point.strategy
+    return {
+        "02_train_cv": {
+            **common,
+            "strategy": {k: v for k, v in strategy.params().items() if k != "name"},
+            "strategy_name": strategy.run_name,
+        },
+        "03_evaluate": {**common, "extra_eval_dirs": list(options.extra_eval_dirs)},
+    }
+
+
+def _data_parameters(plan: Plan, options: RunnerOptions) -> dict[str, Any]:
+    """The parameters of notebook 01: the folds and seed of the grid's first point."""
+    first = plan.points[0].strategy if plan.points else Strategy()
+    return {
+        "data_dir": options.data_dir,
+        "folds": first.folds,
+        "seed": first.seed,
+        "skip_bad_images": options.skip_bad_images,
+    }
+
+
+def _compare_parameters(plan: Plan, options: RunnerOptions) -> dict[str, Any]:
+    """The parameters of notebook 04, except ``comparison_run_id`` (its run, made when it runs)."""
+    return {
+        "grid_id": plan.grid_id,
+        "experiment_name": options.experiment,
+        "tracking_uri": plan.tracking_uri,
+        "model_name": plan.model_name,
+        "register": options.register,
+        **_promotion_parameters(plan),
+    }
+
+
+def check_notebooks(plan: Plan, options: RunnerOptions) -> None:
+    """Check every parameter the runner will inject against the notebooks' parameters cells.
+
+    The exact dicts the run uses (01, 04, and 02/03 of every grid point), so a parameter renamed
+    in a notebook fails ``--dry-run`` before anything runs. Raises
+    :class:`imgcls.pipeline.notebooks.NotebookParameterError` naming the notebook and parameter.
+    """
+    check_parameters("01_data", _data_parameters(plan, options))
+    check_parameters(
+        "04_compare_runs", {**_compare_parameters(plan, options), "comparison_run_id": None}
+    )
+    for point in plan.points:
+        for name, parameters in _grid_point_parameters(plan, options, point, 1).items():
+            check_parameters(name, {**parameters, "parent_run_id": None})
 
 
 def run_grid(options: RunnerOptions) -> int:
@@ -134,15 +189,7 @@ def run_grid(options: RunnerOptions) -> int:
     start = time.perf_counter()
     plan = build_plan(options)
     print_plan(plan)
-    for name, params in [
-        ("02_train_cv", {"strategy": {}, "strategy_name": "x", "parent_run_id": None}),
-        ("01_data", {"folds": 5}),
-        (
-            "04_compare_runs",
-            {"grid_id": None, "comparison_run_id": None, **_promotion_parameters(plan)},
-        ),
-    ]:
-        check_parameters(name, params)  # the notebooks still declare what the runner injects
+    check_notebooks(plan, options)  # the notebooks still declare what the runner injects
     if options.dry_run:
         log("dry run: nothing executed")
         return 0
@@ -168,19 +215,8 @@ def _execute_plan(plan: Plan, options: RunnerOptions, start: float) -> int:
     cpu = os.cpu_count() or 1
     workers = max(1, min(options.workers, sum(p.action == "run" for p in plan.points) or 1))
     threads = max(1, cpu // workers)
-    first = plan.points[0].strategy if plan.points else Strategy()
     data_result = run_single_notebook(
-        plan,
-        options,
-        "01_data",
-        "data",
-        {
-            "data_dir": options.data_dir,
-            "folds": first.folds,
-            "seed": first.seed,
-            "skip_bad_images": options.skip_bad_images,
-        },
-        reports / "data",
+        plan, options, "01_data", "data", _data_parameters(plan, options), reports / "data"
     )
     todo = [p for p in plan.points if p.action == "run"]
     log(
@@ -193,14 +229,7 @@ def _execute_plan(plan: Plan, options: RunnerOptions, start: float) -> int:
         options,
         "04_compare_runs",
         "comparison",
-        {
-            "grid_id": plan.grid_id,
-            "experiment_name": options.experiment,
-            "tracking_uri": plan.tracking_uri,
-            "model_name": plan.model_name,
-            "register": options.register,
-            **_promotion_parameters(plan),
-        },
+        _compare_parameters(plan, options),
         reports / "comparison",
         run_id_parameter="comparison_run_id",
     )
