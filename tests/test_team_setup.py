@@ -381,7 +381,7 @@ def check_finished_point(client: MlflowClient, experiment_id: str, run, epochs: 
     models = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
     assert len(models) == 1 and str(models[0].status).endswith("READY")
     assert "model_uri" not in run.data.tags  # the LoggedModel is the link, not a tag
-    assert tracking.logged_model(run_id).model_id == models[0].model_id
+    assert models[0].name == tracking.MODEL_NAME  # what tracking.logged_model looks up
 
 
 # --------------------------------------------------------------------------- tests
