@@ -33,12 +33,9 @@ unchanged data version is hashed once.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,7 +46,7 @@ import pandas as pd
 import PIL
 
 from imgcls.core import paths
-from imgcls.data import images
+from imgcls.data import images, validation
 from imgcls.data.folders import ImageFolder, assign_folds, scan_image_folder
 from imgcls.data.validation import RACY_MTIME_SECONDS
 
@@ -113,20 +110,7 @@ def _save_record(folder: Path, files: dict[str, tuple[int, int, int]]) -> None:
         "hasher": _hasher_identity(),
         "files": {rel: [s, m, f"{h:016x}"] for rel, (s, m, h) in sorted(files.items())},
     }
-    with contextlib.suppress(OSError):
-        record.parent.mkdir(parents=True, exist_ok=True)
-        for old in record.parent.glob("*.json"):  # records of folders that no longer exist
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                if old != record and not Path(json.loads(old.read_text())["folder"]).is_dir():
-                    old.unlink()
-        handle, tmp = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(document, stream, separators=(",", ":"))
-            os.replace(tmp, record)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    validation.write_record(record, document)
 
 
 def folder_hashes(folder: ImageFolder) -> np.ndarray:

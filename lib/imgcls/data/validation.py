@@ -85,6 +85,18 @@ def save_validated(folder: Path, files: dict[str, FileStamp]) -> None:
         "reader": _reader_identity(),
         "files": {rel: list(stamp) for rel, stamp in sorted(files.items())},
     }
+    write_record(record, document)
+
+
+def write_record(record: Path, document: dict) -> None:
+    """Write a per-folder JSON record atomically (temporary file, then rename).
+
+    The one writer of the records keyed by file version (validation here, perceptual hashes in
+    :mod:`imgcls.data.duplicates`): a reader never sees half a record, the last of concurrent
+    writers wins, records of folders that no longer exist are removed when a new record is
+    first made, and a cache folder that cannot be written is not an error (the work is simply
+    done again next time).
+    """
     with contextlib.suppress(OSError):
         if not record.exists():
             _remove_orphan_records(record.parent)
