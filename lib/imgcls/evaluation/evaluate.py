@@ -37,6 +37,7 @@ from imgcls.data.folders import (
 )
 from imgcls.data.images import load_rgb
 from imgcls.evaluation import metrics
+from imgcls.evaluation.latency import METRIC_LATENCY, latency_ms_per_image
 from imgcls.modeling.checkpoint import (
     head_from_checkpoint,
     load_checkpoint,
@@ -238,9 +239,20 @@ class EvaluationSession:
     def evaluate_test(
         self, data_dir: str | None = None, skip_bad_images: bool = False
     ) -> EvaluationResult:
-        """Score the refit model on the ``test`` split of the dataset."""
+        """Score the refit model on the ``test`` split; log it and its latency per image.
+
+        Besides the ``test_*`` metrics, ``latency_ms_per_image`` (batch size 1, median over up to
+        32 test images; :func:`imgcls.evaluation.latency.latency_ms_per_image`) is logged to the
+        run, linked to the refit LoggedModel: the promotion rule's tie-break after training time.
+        """
         root = Path(data_dir) if data_dir else None
-        return self.evaluate(self.load_folder(require_split("test", root), skip_bad_images), "test")
+        result = self.evaluate(
+            self.load_folder(require_split("test", root), skip_bad_images), "test"
+        )
+        images = decoded_images(result.folder, self.prep.image_size, result.data_md5)
+        latency = latency_ms_per_image(self.model, images, self.prep, self.device)
+        self._log_model_metrics({METRIC_LATENCY: latency}, None)
+        return result
 
     def without_train_copies(
         self, result: EvaluationResult, data_dir: str | None = None, skip_bad_images: bool = False

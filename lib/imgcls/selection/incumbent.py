@@ -28,6 +28,7 @@ from imgcls import tracking
 from imgcls.core.config import TUNABLE_FIELDS, ConfigError, Strategy, strategy_from_dict
 from imgcls.data import duplicates
 from imgcls.data.folders import ImageFolder, fold_assignment_hash
+from imgcls.evaluation.latency import METRIC_LATENCY
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ TAG_DATA_MD5 = "data_md5"
 TAG_INCUMBENT_MODEL = "incumbent_model"  # on an ``incumbent`` grid-point run: whose champion
 TAG_INCUMBENT_VERSION = "incumbent_version"
 TAG_INCUMBENT_RUN = "incumbent_run_id"  # the run of the registered version it re-trains
-# Inference latency in ms per image; logged by no notebook yet, so it reads as NaN (unknown)
-# and the cost tie-break of imgcls.selection.promotion uses training time alone.
-METRIC_LATENCY = "latency_ms_per_image"
 METRIC_TRAIN_SECONDS = "cv_train_seconds"
 
 

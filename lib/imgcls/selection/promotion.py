@@ -128,8 +128,8 @@ def _cost(value: Sequence[float] | None, who: str) -> Cost | None:
 
 def _cheaper(challenger: Cost | None, incumbent: Cost | None) -> bool | None:
     """Lexicographic: lower training seconds, then lower latency. None when a cost that the
-    comparison needs is unknown (a latency is needed only when the training seconds tie; no
-    notebook logs a latency yet)."""
+    comparison needs is unknown (a latency is needed only when the training seconds tie; notebook
+    03 logs it as ``latency_ms_per_image``, :mod:`imgcls.evaluation.latency`)."""
     if challenger is None or incumbent is None or math.isnan(challenger[0] + incumbent[0]):
         return None
     if challenger[0] != incumbent[0]:
