@@ -96,14 +96,21 @@ class EvaluationResult:
         """Return the confusion matrix (counts)."""
         return metrics.confusion(self.folder.labels, self.predictions, self.folder.classes)
 
+    def hardest_indices(self, limit: int = 12) -> list[int]:
+        """Return up to ``limit`` image indices: misclassified (most confident first), then the
+        least confident correct ones. The gallery and its Grad-CAM overlays show these."""
+        true, pred = self.folder.labels, self.predictions
+        confidence = self.probabilities.max(1)
+        wrong = [int(i) for i in np.argsort(-confidence, kind="stable") if pred[i] != true[i]]
+        unsure = [int(i) for i in np.argsort(confidence, kind="stable") if pred[i] == true[i]]
+        return (wrong + unsure)[:limit]
+
     def hardest_images(self, limit: int = 12) -> tuple[list[np.ndarray], list[str]]:
-        """Return misclassified images, then the least confident correct ones, with captions."""
+        """Return the :meth:`hardest_indices` images (128 px) with captions."""
         true = self.folder.labels
         pred = self.predictions
         confidence = self.probabilities.max(1)
-        wrong = [i for i in np.argsort(-confidence) if pred[i] != true[i]]
-        unsure = [i for i in np.argsort(confidence) if pred[i] == true[i]]
-        chosen = (wrong + unsure)[:limit]
+        chosen = self.hardest_indices(limit)
         classes = self.folder.classes
         images = [load_rgb(self.folder.paths[i], 128) for i in chosen]
         captions = [
