@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from imgcls import tracking
 from imgcls.core import names
 from imgcls.evaluation import metrics
+from imgcls.evaluation.latency import METRIC_LATENCY
 from imgcls.selection import verdict as verdicts
 from imgcls.selection.incumbent import (
     CHAMPION_ALIAS,
@@ -176,6 +177,7 @@ class GridComparison:
                 "train_seconds": self._metric("cv_train_seconds")
                 + self._metric("refit_seconds").fillna(0),
                 "images_per_second": self._metric("cv_images_per_second"),
+                "latency_ms_per_image": self._metric(METRIC_LATENCY),
                 "gate": self.runs.get("tags.quality_gate", pd.Series("", index=self.runs.index)),
                 "run_id": self.runs["run_id"],
             }
@@ -212,6 +214,7 @@ class GridComparison:
                 ],
                 "train s": t["train_seconds"].round(1),
                 "img/s": t["images_per_second"].round(0),
+                "ms/image": t["latency_ms_per_image"].round(2),
                 "p vs champion": t["p_value_vs_best"].round(4),
                 "p Holm": t["p_holm_vs_best"].round(4),
                 "paired on": t["pairing_vs_best"],
