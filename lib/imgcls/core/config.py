@@ -30,6 +30,7 @@ from imgcls.core.strategy import (
     TUNABLE_FIELDS,
     PromotionSettings,
     Strategy,
+    check_ensemble,
     check_fields,
     check_promotion,
     strategy_from_dict,
@@ -106,7 +107,9 @@ def expand_grid(document: dict[str, Any], source: str = "<grid>") -> list[Strate
     ``source``, the line and the YAML path, for a top level that is not a mapping or has unknown
     keys, list values in ``defaults``, missing or empty ``strategies``, a strategy name that is not
     text (null, true/false, a number, a date: quote it), invalid fields (see
-    :func:`~imgcls.core.strategy.check_fields`), or grid points whose run names collide.
+    :func:`~imgcls.core.strategy.check_fields`), an ``ensemble`` its grid point cannot train
+    (:func:`~imgcls.core.strategy.check_ensemble`, at the ``ensemble`` key's line), or grid
+    points whose run names collide.
     """
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'strategies'")
@@ -117,6 +120,7 @@ def expand_grid(document: dict[str, Any], source: str = "<grid>") -> list[Strate
             "allowed: defaults, strategies, promotion"
         )
     defaults = grid_defaults(document, source)
+    defaults_raw = document.get("defaults") if isinstance(document.get("defaults"), dict) else {}
     strategies = document.get("strategies")
     top = Where(source)
     if not isinstance(strategies, dict) or not strategies:
@@ -133,9 +137,13 @@ def expand_grid(document: dict[str, Any], source: str = "<grid>") -> list[Strate
         fixed = {k: v for k, v in merged.items() if not isinstance(v, list)}
         for combo in itertools.product(*axes.values()) if axes else [()]:
             grid_values = dict(zip(axes.keys(), combo, strict=True))
-            points.append(
-                Strategy(name=str(name), extra={"grid_values": grid_values}, **fixed, **grid_values)
+            point = Strategy(
+                name=str(name), extra={"grid_values": grid_values}, **fixed, **grid_values
             )
+            raw = strategies[key] if isinstance(strategies[key], dict) else {}
+            on = where if "ensemble" in raw else top.key("defaults", document)
+            check_ensemble(point, on.key("ensemble", raw if "ensemble" in raw else defaults_raw))
+            points.append(point)
     run_names = [p.run_name for p in points]
     duplicates = {n for n in run_names if run_names.count(n) > 1}
     if duplicates:

@@ -25,6 +25,8 @@ from imgcls.core.gridfile import ConfigError, Where, is_null, yaml_hint
 
 Backbone = Literal["efficientnet_lite0", "resnet18"]
 Optimizer = Literal["adam", "adamw", "sgd"]
+Ensemble = Literal["none", "folds"]
+TestTimeAugmentation = Literal["none", "flip"]
 # Per-fold metrics that promotion can compare: logged once per fold, higher is better, a fraction.
 PromotionMetric = Literal["fold_val_accuracy"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
@@ -78,6 +80,13 @@ class Strategy(BaseModel):
         0.70, ge=0, le=1, title="min_accuracy", description="the test-accuracy quality gate"
     )
     use_feature_cache: bool = Field(True, description="cache a frozen backbone's embeddings")
+    ensemble: Ensemble = Field(
+        "none",
+        description="folds: the model averages the k fold models' probabilities (frozen only)",
+    )
+    tta: TestTimeAugmentation = Field(
+        "none", description="flip: predictions average the image and its horizontal flip"
+    )
     extra: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
 
     def params(self) -> dict[str, Any]:
@@ -281,11 +290,38 @@ def check_promotion(values: Any, where: Where) -> PromotionSettings:
     )
 
 
+def ensemble_problem(strategy: Strategy) -> str | None:
+    """Return why ``strategy``'s ``ensemble`` cannot be trained with its other fields, or None.
+
+    ``ensemble: folds`` is scored by nested cross-validation (:mod:`imgcls.modeling.nested`):
+    k x k inner models besides the k fold models (25 more for 5 folds). Heads on a frozen
+    backbone's cached features train in seconds; fine-tuned backbones (or a frozen one without the
+    feature cache) would repeat the whole fine-tuning 25 times, so they are refused.
+    """
+    if strategy.ensemble == "none" or (strategy.freeze_backbone and strategy.use_feature_cache):
+        return None
+    off = "freeze_backbone" if not strategy.freeze_backbone else "use_feature_cache"
+    return (
+        f"ensemble 'folds' needs freeze_backbone: true and use_feature_cache: true, but "
+        f"{off} is false here: its honest cross-validation score trains {strategy.folds} x "
+        f"{strategy.folds} inner models, seconds for heads on cached features but "
+        f"{strategy.folds**2} full trainings of the backbone otherwise; set ensemble: none, "
+        f"or {off}: true"
+    )
+
+
+def check_ensemble(strategy: Strategy, where: Where | str) -> None:
+    """Raise ConfigError ``<where>: <problem>`` when :func:`ensemble_problem` finds one."""
+    problem = ensemble_problem(strategy)
+    if problem:
+        raise ConfigError(f"{where}: {problem} (grid point {strategy.run_name})")
+
+
 def strategy_from_dict(values: dict[str, Any], where: str = "strategy") -> Strategy:
     """Build one validated :class:`Strategy` from plain values (no lists) at YAML path ``where``.
 
     ``name`` and ``extra`` are taken as they are. Raises ConfigError as :func:`check_fields` does,
-    and for a list value.
+    and for a list value or an ``ensemble`` its other fields cannot train (:func:`check_ensemble`).
     """
     values = dict(values)
     name = values.pop("name", "default")
@@ -294,4 +330,6 @@ def strategy_from_dict(values: dict[str, Any], where: str = "strategy") -> Strat
     for key, value in cleaned.items():
         if isinstance(value, list):
             raise ConfigError(f"{where}.{key}: a single value is needed here, got a list")
-    return Strategy(name=str(name), extra=dict(extra), **cleaned)
+    strategy = Strategy(name=str(name), extra=dict(extra), **cleaned)
+    check_ensemble(strategy, f"{where}.ensemble")
+    return strategy
