@@ -44,15 +44,15 @@ def backdate(root: Path, seconds: float = 60.0) -> None:
 
 
 def count_validations(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Record every file that imgcls.data.images.check_image (the validator) decodes."""
+    """Record every file that imgcls.data.images.read_for_checks (the validator) decodes."""
     seen: list[Path] = []
-    real = images_module.check_image
+    real = images_module.read_for_checks
 
-    def spy(path: Path) -> str | None:
+    def spy(path: Path) -> Image.Image:
         seen.append(path)
         return real(path)
 
-    monkeypatch.setattr(images_module, "check_image", spy)
+    monkeypatch.setattr(images_module, "read_for_checks", spy)
     return seen
 
 
@@ -305,14 +305,14 @@ def test_validation_runs_on_all_usable_cores_and_keeps_file_order(
 ):
     train = image_dataset / "train"
     threads: set[str] = set()
-    real = images_module.check_image
+    real = images_module.read_for_checks
 
-    def slow(path: Path) -> str | None:
+    def slow(path: Path) -> Image.Image:
         threads.add(threading.current_thread().name)
         time.sleep(0.01)
         return real(path)
 
-    monkeypatch.setattr(images_module, "check_image", slow)
+    monkeypatch.setattr(images_module, "read_for_checks", slow)
     monkeypatch.setattr(images_module, "usable_cores", lambda: 4)
     serial = scan_image_folder(train, validate=False)
     parallel = scan_image_folder(train)

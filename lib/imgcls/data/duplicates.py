@@ -13,8 +13,9 @@ photo. Scored as validation or test data it measures memory, not generalisation,
 grayscale, resized to 32x32 (LANCZOS), 2-D DCT, the 8x8 lowest frequencies compared with their
 median: 64 bits. It ignores aspect ratio, JPEG artefacts and global brightness, unlike md5 (exact
 copies only) or dHash (on the shipped data dHash puts 120 pairs of distinct sea/forest photos
-within 8 bits, pHash one). Images are read by the project's one reader
-(:func:`imgcls.data.images.read_image`: EXIF orientation applied, JPEGs drafted to >= 64 px).
+within 8 bits, pHash one). Images are read by the project's one reader, in the decode that
+validates them (:func:`imgcls.data.images.read_for_checks`: EXIF orientation applied, JPEGs
+drafted to >= 64 px, the same image as ``read_image(path, target_size=32)``).
 
 **Threshold.** Two images are near-duplicates when their hashes differ in at most
 :data:`MAX_DISTANCE` = 8 of 64 bits (Hamming distance). The planted copies of
@@ -26,37 +27,26 @@ copy at distance 2 and the next-closest distinct photos are 10 bits apart.
 scipy's ``connected_components``), numbered by their first member, so the same hashes always give
 the same ids. A chain A~B~C forms one group even when A and C are farther apart.
 
-Hashes are recorded per split folder in ``<cache>/phash/`` under each file's (relative path,
-size, modification time in ns), as validation records are (:mod:`imgcls.data.validation`), so an
-unchanged data version is hashed once.
+Hashes are computed by the same decode that validates a file and stored in the same
+validate-once record (``<cache>/validated/``, under each file's relative path, size and
+modification time in ns; :mod:`imgcls.data.validation`), so an unchanged data version is decoded
+once for both.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import imagehash
 import numpy as np
 import pandas as pd
-import PIL
 
-from imgcls.core import paths
 from imgcls.data import images, validation
 from imgcls.data.folders import ImageFolder, assign_folds, scan_image_folder
-from imgcls.data.validation import RACY_MTIME_SECONDS
 
-logger = logging.getLogger(__name__)
+# defined next to the decode that hashes (validation); re-exported as part of this module's API
+from imgcls.data.validation import HASH_READ_SIZE, HASH_SIZE  # noqa: F401
 
-HASH_SIZE = 8  # imagehash.phash(hash_size=8): 8x8 DCT coefficients -> 64 bits
 MAX_DISTANCE = 8  # Hamming distance (bits of 64) at or below which two images are near-copies
-# imagehash.phash resizes to hash_size * highfreq_factor (4) = 32 px; read_image drafts a JPEG
-# to at least twice that, so the LANCZOS resize still averages over several source pixels.
-HASH_READ_SIZE = 4 * HASH_SIZE
 
 NEAR_DUPLICATE_COLUMNS = ["group", "split", "path", "class", "distance"]
 
@@ -64,93 +54,36 @@ NEAR_DUPLICATE_COLUMNS = ["group", "split", "path", "class", "distance"]
 def image_phash(path: Path) -> int:
     """Return the 64-bit pHash of one image file as a Python int (bit 63 = first DCT bit).
 
-    Read with :func:`imgcls.data.images.read_image` (upright RGB, JPEGs drafted to >= 64 px),
-    hashed with ``imagehash.phash(hash_size=8)``. Raises
-    :class:`imgcls.data.images.ImageReadError` naming the file when it cannot be read.
+    Decoded as validation decodes it (:func:`imgcls.data.images.read_for_checks`, the same image
+    as ``read_image(path, target_size=32)``), hashed with ``imagehash.phash(hash_size=8)``; not
+    recorded. Raises :class:`imgcls.data.images.ImageReadError` naming the file when it cannot
+    be read.
     """
-    img = images.read_image(path, target_size=HASH_READ_SIZE)
-    return int(str(imagehash.phash(img, hash_size=HASH_SIZE)), 16)
-
-
-def _hasher_identity() -> str:
-    return (
-        f"imagehash {imagehash.__version__} phash {HASH_SIZE}; read {HASH_READ_SIZE}; "
-        f"pillow {PIL.__version__}; rules {images.READER_RULES}"
-    )
+    reason, value = validation.check_and_hash(Path(path))
+    if reason or value is None:
+        raise images.ImageReadError(str(path), reason or "unreadable")
+    return value
 
 
 def hash_record_file(folder: Path) -> Path:
-    """Return the hash record of a split folder (it may not exist).
+    """Return the record that holds the hashes of a split folder (it may not exist).
 
-    ``<cache>/phash/<sha256 of the folder's resolved path, 24 hex>.json``.
+    The validate-once record (:func:`imgcls.data.validation.validation_record_file`): one decode
+    per file version validates and hashes it.
     """
-    digest = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:24]
-    return paths.cache_dir() / "phash" / f"{digest}.json"
-
-
-def _load_record(folder: Path) -> dict[str, tuple[int, int, int]]:
-    """Return ``relpath -> (size, mtime_ns, hash)`` recorded by this hasher; empty if none."""
-    try:
-        document = json.loads(hash_record_file(folder).read_text())
-        if document.get("hasher") != _hasher_identity():
-            return {}
-        return {
-            rel: (int(size), int(mtime), int(value, 16))
-            for rel, (size, mtime, value) in document["files"].items()
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
-
-
-def _save_record(folder: Path, files: dict[str, tuple[int, int, int]]) -> None:
-    """Write the record atomically (temporary file + rename); an unwritable cache is ignored."""
-    record = hash_record_file(folder)
-    document = {
-        "folder": str(Path(folder).resolve()),
-        "hasher": _hasher_identity(),
-        "files": {rel: [s, m, f"{h:016x}"] for rel, (s, m, h) in sorted(files.items())},
-    }
-    validation.write_record(record, document)
+    return validation.validation_record_file(folder)
 
 
 def folder_hashes(folder: ImageFolder) -> np.ndarray:
     """Return the pHash (uint64, shape [N]) of each of the N images of ``folder``, in order.
 
-    Files whose (relative path, size, mtime) match the record of an earlier call are not read
-    again; the others are hashed on every usable core and recorded (files modified in the last
+    Files whose (relative path, size, mtime) match the validation record (usually written by
+    the scan that listed them) are not read again; the others are validated and hashed in one
+    decode each on every usable core and recorded (files modified in the last
     :data:`imgcls.data.validation.RACY_MTIME_SECONDS` are hashed but not recorded). Raises
     :class:`imgcls.data.images.ImageReadError` naming a file that cannot be read.
     """
-    root = Path(folder.root)
-    known = _load_record(root)
-    rels = folder.relpaths()
-    stamps = []
-    for path in folder.paths:
-        info = path.stat()
-        stamps.append((info.st_size, info.st_mtime_ns))
-    values: list[int | None] = [
-        known[rel][2] if known.get(rel, (None, None))[:2] == stamp else None
-        for rel, stamp in zip(rels, stamps, strict=True)
-    ]
-    todo = [i for i, value in enumerate(values) if value is None]
-    if todo:
-        start = time.perf_counter()
-        workers = max(1, min(images.usable_cores(), len(todo)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phash") as pool:
-            hashed = list(pool.map(image_phash, [folder.paths[i] for i in todo]))
-        for i, value in zip(todo, hashed, strict=True):
-            values[i] = value
-        logger.info(
-            "hashed %d image(s) of %s in %.2fs", len(todo), root, time.perf_counter() - start
-        )
-    not_before = time.time_ns() - int(RACY_MTIME_SECONDS * 1e9)
-    record = {
-        rel: (size, mtime, int(value))
-        for rel, (size, mtime), value in zip(rels, stamps, values, strict=True)
-        if mtime < not_before
-    }
-    if record != known:
-        _save_record(root, record)
+    values = validation.recorded_hashes(Path(folder.root), list(folder.paths))
     return np.array(values, dtype=np.uint64)
 
 

@@ -20,10 +20,13 @@ photo viewer shows it:
 ``ImageOps.fit``), and JPEGs much larger than that size are decoded at 1/2 to 1/8 scale in the
 DCT (Pillow's draft mode), which gives the same size and orientation at a fraction of the cost.
 
-:func:`check_image` (validation) decodes a JPEG at 1/8 scale: libjpeg's scaled decoding shrinks
+:func:`check_image` (validation) decodes a JPEG at 1/8 scale (:func:`read_for_checks`; less
+reduction only where 1/8 would leave a side under 64 px): libjpeg's scaled decoding shrinks
 the inverse DCT, upsampling and colour conversion, but still Huffman-decodes every entropy-coded
 byte of every scan, so a truncated or corrupt file fails exactly as it does in a full decode
 (``tests/test_phone_photos.py`` checks this on 12-megapixel files), at about a fifth of the cost.
+The same decoded image gives the perceptual hash (:mod:`imgcls.data.validation`), so one decode
+per file version validates and hashes it.
 """
 
 from __future__ import annotations
@@ -46,9 +49,13 @@ _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "G
 # over several source pixels.
 DRAFT_REDUCING_GAP = 2
 
-# What validation decodes a JPEG to: Pillow's draft picks the smallest DCT scale (1/8) that keeps
-# the image at least this size, i.e. always 1/8 (only the entropy decoding is full-size).
-_VALIDATION_DRAFT = (1, 1)
+# What validation decodes a JPEG to: Pillow's draft picks the largest DCT reduction (1/8, 1/4,
+# 1/2) that keeps both sides at least this size (only the entropy decoding is full-size). 64 px is
+# DRAFT_REDUCING_GAP x the 32 px that the perceptual hash resizes to
+# (imgcls.data.validation.HASH_READ_SIZE), so the validation decode is exactly the image
+# read_image(path, target_size=32) gives and hashes to the same bits; any photo of 512 px or more
+# on its short side is still decoded at 1/8.
+_VALIDATION_DRAFT = (64, 64)
 
 # Bump when the rules that decide whether a file is a readable image change (formats, limits,
 # what counts as corrupt): validation results recorded under another value are not reused.
@@ -225,16 +232,27 @@ def load_rgb(source: ImageSource, image_size: int, name: str | None = None) -> n
     return fit_square(read_image(source, name, target_size=image_size), image_size)
 
 
+def read_for_checks(path: Path) -> Image.Image:
+    """Decode ``path`` as validation does and return the upright 8-bit RGB image.
+
+    The same reader and rules as :func:`read_image` (bomb limit, EXIF, modes), but a JPEG is
+    decoded at the largest DCT reduction (1/8, 1/4, 1/2) that keeps both sides >= 64 px
+    (:data:`_VALIDATION_DRAFT`): 1/8 for any photo of 512 px or more. Every entropy-coded byte is
+    still read and Huffman-decoded, so truncation and corrupt data are found as by a full decode,
+    for about 15 ms instead of 80-140 ms on a 12-megapixel photo. Other formats are decoded
+    fully. The result equals ``read_image(path, target_size=32)`` (what the perceptual hash
+    needs). Raises :class:`ImageReadError` naming the file.
+    """
+    return _read(path, str(path), _VALIDATION_DRAFT)
+
+
 def check_image(path: Path) -> str | None:
     """Return why ``path`` cannot be used as an image (one phrase), or None when it reads fully.
 
-    The same reader and rules as :func:`read_image` (bomb limit, EXIF, modes), but a JPEG is
-    decoded at 1/8 scale in the DCT: every entropy-coded byte is still read and Huffman-decoded,
-    so truncation and corrupt data are found as by a full decode, for about 15 ms instead of
-    80-140 ms on a 12-megapixel photo. Other formats are decoded fully.
+    Decodes with :func:`read_for_checks` (JPEGs at 1/8 scale, every byte entropy-decoded).
     """
     try:
-        _read(path, str(path), _VALIDATION_DRAFT)
+        read_for_checks(path)
     except ImageReadError as exc:
         return exc.reason
     return None

@@ -1,10 +1,13 @@
-"""Validate a dataset's files once per file version, on every usable core.
+"""Validate and hash a dataset's files once per file version, on every usable core.
 
-A file that read as an image (:func:`imgcls.data.images.check_image`: every byte entropy-decoded, JPEGs
-at 1/8 scale) is recorded in ``<cache>/validated/`` under its (relative path, size, modification
-time in ns), the evidence DVC's state database uses too, and is not decoded again by later scans
-(the runner, then notebooks 01, 02 and 03 each scan the data). A changed or added file is
-validated again; a bad file is never recorded. Used by :func:`imgcls.data.folders.scan_image_folder`.
+A file that read as an image (:func:`imgcls.data.images.read_for_checks`: every byte
+entropy-decoded, JPEGs at 1/8 scale) is recorded in ``<cache>/validated/`` under its (relative
+path, size, modification time in ns), the evidence DVC's state database uses too, and is not
+decoded again by later scans (the runner, then notebooks 01, 02 and 03 each scan the data). The
+same decode gives the file's 64-bit perceptual hash (:func:`phash_of`, for the leakage audit of
+:mod:`imgcls.data.duplicates`), stored in the same record, so one pass validates and hashes. A
+changed or added file is validated again; a bad file is never recorded. Used by
+:func:`imgcls.data.folders.scan_image_folder` and :func:`imgcls.data.duplicates.folder_hashes`.
 """
 
 from __future__ import annotations
@@ -12,23 +15,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import imagehash
 import PIL
 from PIL import Image
 
 from imgcls.core import paths
 from imgcls.data import images
 
+logger = logging.getLogger(__name__)
+
 # A file modified this recently is validated but not recorded: a second write within the file
 # system's timestamp resolution (2 s on FAT/exFAT drives) could keep the same size and mtime.
 RACY_MTIME_SECONDS = 2.0
 
 FileStamp = tuple[int, int]  # (size in bytes, modification time in ns), symbolic links followed
+Checked = tuple[int, int, int]  # (size in bytes, modification time in ns, 64-bit pHash)
+
+HASH_SIZE = 8  # imagehash.phash(hash_size=8): 8x8 DCT coefficients -> 64 bits
+# imagehash.phash resizes to hash_size * highfreq_factor (4) = 32 px; the validation decode keeps
+# at least twice that (imgcls.data.images._VALIDATION_DRAFT = 64 px), so the LANCZOS resize
+# still averages over several source pixels and the hash equals that of
+# read_image(path, target_size=HASH_READ_SIZE).
+HASH_READ_SIZE = 4 * HASH_SIZE
 
 
 def _file_stamp(path: Path) -> FileStamp | None:
@@ -49,41 +64,79 @@ def validation_record_file(folder: Path) -> Path:
 
 
 def _reader_identity() -> str:
-    """What decides whether a file reads: records made under another reader are not reused."""
+    """What decides whether a file reads and how it hashes: other records are not reused."""
     return (
         f"pillow {PIL.__version__}; rules {images.READER_RULES}; "
-        f"bomb limit {Image.MAX_IMAGE_PIXELS}"
+        f"bomb limit {Image.MAX_IMAGE_PIXELS}; draft {images._VALIDATION_DRAFT}; "
+        f"imagehash {imagehash.__version__} phash {HASH_SIZE}"
     )
 
 
-def load_validated(folder: Path) -> dict[str, FileStamp]:
-    """Return ``relative path -> (size, mtime_ns)`` of the files of ``folder`` validated before.
+def phash_of(img: Image.Image) -> int:
+    """Return the 64-bit pHash of an RGB image as a Python int (bit 63 = first DCT bit).
+
+    ``imagehash.phash(hash_size=8)``: grayscale, LANCZOS resize to 32x32, 2-D DCT, the 8x8
+    lowest frequencies compared with their median (see :mod:`imgcls.data.duplicates`).
+    """
+    return int(str(imagehash.phash(img, hash_size=HASH_SIZE)), 16)
+
+
+def check_and_hash(path: Path) -> tuple[str | None, int | None]:
+    """Decode ``path`` once (:func:`imgcls.data.images.read_for_checks`); return (reason, pHash).
+
+    ``(None, hash)`` for a readable image, ``(reason, None)`` (one phrase naming the problem)
+    for a file that cannot be used as an image.
+    """
+    try:
+        img = images.read_for_checks(path)
+    except images.ImageReadError as exc:
+        return exc.reason, None
+    return None, phash_of(img)
+
+
+def load_checked(folder: Path) -> dict[str, Checked]:
+    """Return ``relative path -> (size, mtime_ns, phash)`` of the files of ``folder`` checked before.
 
     Empty when nothing was recorded, the record is unreadable, or it was made by another reader
-    (Pillow version, :data:`imgcls.data.images.READER_RULES`, decompression-bomb limit).
+    (Pillow version, :data:`imgcls.data.images.READER_RULES`, decompression-bomb limit, the
+    validation draft size, ImageHash version).
     """
     record = validation_record_file(folder)
     try:
         document = json.loads(record.read_text())
         if document.get("reader") != _reader_identity():
             return {}
-        return {rel: (int(size), int(mtime)) for rel, (size, mtime) in document["files"].items()}
+        hashes = document["phash"]
+        return {
+            rel: (int(size), int(mtime), int(hashes[rel], 16))
+            for rel, (size, mtime) in document["files"].items()
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
-def save_validated(folder: Path, files: dict[str, FileStamp]) -> None:
-    """Record ``relative path -> (size, mtime_ns)`` as the validated files of ``folder``.
+def load_validated(folder: Path) -> dict[str, FileStamp]:
+    """Return ``relative path -> (size, mtime_ns)`` of the files of ``folder`` validated before.
 
-    Written to a temporary file and renamed, so a reader never sees half a record; concurrent
-    writers of the same folder each write a complete record (the last one wins). A cache folder
-    that cannot be written only means the files are validated again next time.
+    The stamps of :func:`load_checked` (empty for a missing, unreadable or foreign record).
+    """
+    return {rel: (size, mtime) for rel, (size, mtime, _) in load_checked(folder).items()}
+
+
+def save_checked(folder: Path, files: dict[str, Checked]) -> None:
+    """Record ``relative path -> (size, mtime_ns, phash)`` as the checked files of ``folder``.
+
+    One JSON document: ``files`` maps each path to ``[size, mtime_ns]``, ``phash`` to its hash
+    as 16 hex digits. Written by :func:`write_record` (atomic; the last concurrent writer wins;
+    an unwritable cache folder only means the files are checked again next time).
     """
     record = validation_record_file(folder)
+    ordered = sorted(files.items())
     document = {
         "folder": str(Path(folder).resolve()),
         "reader": _reader_identity(),
-        "files": {rel: list(stamp) for rel, stamp in sorted(files.items())},
+        "files": {rel: [size, mtime] for rel, (size, mtime, _) in ordered},
+        "phash": {rel: f"{value:016x}" for rel, (_, _, value) in ordered},
     }
     write_record(record, document)
 
@@ -119,40 +172,86 @@ def _remove_orphan_records(records: Path) -> None:
                 record.unlink()
 
 
-def _validate_all(files: list[Path]) -> list[str | None]:
-    """Validate ``files`` on every usable core (Pillow decodes without the GIL), in order."""
+def _check_all(files: list[Path]) -> list[tuple[str | None, int | None]]:
+    """Validate and hash ``files`` on every usable core (Pillow decodes without the GIL), in order."""
     workers = min(images.usable_cores(), len(files))
     if workers <= 1:
-        return [images.check_image(path) for path in files]
+        return [check_and_hash(path) for path in files]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="validate") as pool:
-        return list(pool.map(images.check_image, files))
+        return list(pool.map(check_and_hash, files))
 
 
-def validate_new_files(folder: Path, candidates: list[Path]) -> dict[Path, str]:
-    """Validate the candidates not recorded as validated; record the good ones.
+def _check_new(
+    folder: Path, candidates: list[Path], keep_others: bool
+) -> tuple[dict[Path, str], dict[Path, int]]:
+    """Check the candidates not recorded; record the good ones; return (bad, hashes).
 
-    Returns ``path -> reason`` (one phrase from :func:`imgcls.data.images.check_image`) for every bad
-    file; good files modified more than :data:`RACY_MTIME_SECONDS` ago are recorded.
+    ``bad`` maps each unusable file to its reason, ``hashes`` each good file to its pHash (from
+    the record or from this decode). Good files modified more than :data:`RACY_MTIME_SECONDS`
+    ago are recorded with the stamp taken before decoding (a file rewritten since then has
+    another mtime). With ``keep_others`` the record keeps the entries of files that are not
+    candidates (a caller that looks at part of the folder); without, it holds the candidates only.
     """
-    known = load_validated(folder)
+    known = load_checked(folder)
     not_before = time.time_ns() - int(RACY_MTIME_SECONDS * 1e9)
     stamps = {path: _file_stamp(path) for path in candidates}
     relpaths = {path: path.relative_to(folder).as_posix() for path in candidates}
-    todo = [
-        path
-        for path in candidates
-        if stamps[path] is None or known.get(relpaths[path]) != stamps[path]
-    ]
+    hashes: dict[Path, int] = {}
+    todo = []
+    for path in candidates:
+        entry, stamp = known.get(relpaths[path]), stamps[path]
+        if stamp is not None and entry is not None and entry[:2] == stamp:
+            hashes[path] = entry[2]
+        else:
+            todo.append(path)
     bad = {}
-    for path, problem in zip(todo, _validate_all(todo), strict=True):
-        if problem:
-            bad[path] = problem
-    # the stamp taken before decoding: a file rewritten since then has another mtime
-    good = {
-        relpaths[path]: stamps[path]
-        for path in candidates
-        if path not in bad and (stamp := stamps[path]) is not None and stamp[1] < not_before
-    }
+    if todo:
+        start = time.perf_counter()
+        for path, (problem, value) in zip(todo, _check_all(todo), strict=True):
+            if problem or value is None:
+                bad[path] = problem or "unreadable"
+            else:
+                hashes[path] = value
+        logger.info(
+            "validated and hashed %d file(s) of %s in %.2fs",
+            len(todo),
+            folder,
+            time.perf_counter() - start,
+        )
+    good: dict[str, Checked] = {}
+    if keep_others:
+        listed = set(relpaths.values())
+        good = {rel: entry for rel, entry in known.items() if rel not in listed}
+    for path, value in hashes.items():
+        stamp = stamps[path]
+        if stamp is not None and stamp[1] < not_before:
+            good[relpaths[path]] = (stamp[0], stamp[1], value)
     if good != known:
-        save_validated(folder, good)
-    return bad
+        save_checked(folder, good)
+    return bad, hashes
+
+
+def validate_new_files(folder: Path, candidates: list[Path]) -> dict[Path, str]:
+    """Validate (and hash) the candidates not recorded as validated; record the good ones.
+
+    Returns ``path -> reason`` (one phrase from :func:`check_and_hash`) for every bad file; good
+    files modified more than :data:`RACY_MTIME_SECONDS` ago are recorded with their pHash. The
+    record then holds exactly the good candidates.
+    """
+    return _check_new(folder, candidates, keep_others=False)[0]
+
+
+def recorded_hashes(folder: Path, files: list[Path]) -> list[int]:
+    """Return the 64-bit pHash of each of ``files`` (under ``folder``), in order.
+
+    Read from the validation record where a file's (relative path, size, mtime) match; the other
+    files are validated and hashed in one decode each (on every usable core) and recorded, and
+    the record keeps its entries of files not asked about. Raises
+    :class:`imgcls.data.images.ImageReadError` naming the first file that cannot be read.
+    """
+    folder = Path(folder)
+    bad, hashes = _check_new(folder, files, keep_others=True)
+    if bad:
+        path, reason = next(iter(bad.items()))
+        raise images.ImageReadError(str(path), reason)
+    return [hashes[path] for path in files]
