@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,15 +218,63 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def md5_record_file(root: Path) -> Path:
+    """Return the file that records the md5 of every file under ``root`` (it may not exist).
+
+    ``<cache>/md5/<sha256 of the root's resolved path, 24 hex>.json``.
+    """
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
+    return paths.cache_dir() / "md5" / f"{digest}.json"
+
+
+def recorded_md5s(root: Path, files: list[Path]) -> list[str]:
+    """Return the md5 hex digest of each of ``files`` (under ``root``), in order.
+
+    A file whose (relative path, size, modification time in ns) matches the record of an
+    earlier call is not read again: the evidence DVC's own state database keeps per file for
+    the same purpose. The others are read and recorded (files modified in the last
+    :data:`imgcls.data.validation.RACY_MTIME_SECONDS` are hashed but not recorded); the record
+    then holds exactly ``files``. Raises OSError for a file that cannot be read.
+    """
+    root = Path(root)
+    record = md5_record_file(root)
+    try:
+        known = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        known = {}
+    not_before = time.time_ns() - int(validation.RACY_MTIME_SECONDS * 1e9)
+    found: dict[str, list] = {}
+    digests = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        info = path.stat()
+        entry = known.get(rel) if isinstance(known, dict) else None
+        if isinstance(entry, list) and entry[:2] == [info.st_size, info.st_mtime_ns]:
+            digest = str(entry[2])
+        else:
+            digest = file_md5(path)
+        digests.append(digest)
+        if info.st_mtime_ns < not_before:
+            found[rel] = [info.st_size, info.st_mtime_ns, digest]
+    if found != known:
+        validation.write_record(record, {"folder": str(root.resolve()), "files": found})
+    return digests
+
+
 def directory_md5(root: str | Path) -> str:
     """Return the DVC 3 directory hash (``<md5>.dir``) of every file under ``root``.
 
     DVC hashes a directory as the md5 of the JSON list of ``{"md5", "relpath"}`` entries sorted
-    by relative path, so this equals the md5 recorded in ``data.dvc`` for the same content.
+    by relative path, so this equals the md5 recorded in ``data.dvc`` for the same content. Each
+    file's md5 is recorded per file version (:func:`recorded_md5s`), so an unchanged dataset
+    costs a stat per file, not a read of every byte.
     """
     root = Path(root)
+    files = dataset_files(root)
+    digests = recorded_md5s(root, files)
     entries = [
-        {"md5": file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in dataset_files(root)
+        {"md5": digest, "relpath": p.relative_to(root).as_posix()}
+        for p, digest in zip(files, digests, strict=True)
     ]
     return hashlib.md5(json.dumps(entries).encode()).hexdigest() + ".dir"
 
