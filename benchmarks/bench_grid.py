@@ -101,6 +101,34 @@ def grid_point_metrics(tracking_uri: str, experiment: str) -> list[dict[str, Any
     return sorted(points, key=lambda p: p["run"])
 
 
+def empty_notebook_seconds(tmp: Path, runs: int = 2) -> float:
+    """Return the fastest of ``runs`` papermill executions (seconds) of an empty notebook.
+
+    One empty code cell, a fresh ``python3`` kernel each time (kernel start, papermill's
+    reading, executing and writing): the unit in which the grid's fixed overhead per grid point
+    is judged, measured in the same run so that it moves with the machine.
+    """
+    import nbformat
+    import papermill
+
+    source = tmp / "empty.ipynb"
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("", metadata={"tags": ["parameters"]})]
+    nbformat.write(notebook, source)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        papermill.execute_notebook(
+            str(source),
+            str(tmp / "empty-out.ipynb"),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=False,
+        )
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def step_grid(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run run_experiments.py on a throwaway MLflow store; time it and poll the tree's RSS."""
     import psutil
@@ -129,6 +157,7 @@ def step_grid(cfg: dict[str, Any]) -> dict[str, Any]:
         grid_file = tmp / "quick_grid.yaml"
         grid_file.write_text(QUICK_GRID)
         command += ["--data-dir", str(data)]
+    empty_seconds = empty_notebook_seconds(tmp)  # before the grid, on the same machine state
     command += ["--grid", str(grid_file), "--force", "--experiment", experiment]
     command += ["--tracking-uri", uri]
     if cfg["device"]:
@@ -174,7 +203,10 @@ def step_grid(cfg: dict[str, Any]) -> dict[str, Any]:
     training = sum((p["cv_train_seconds"] or 0) + (p["refit_seconds"] or 0) for p in points)
     notes = f"{len(points)} grid points, exit code {process.returncode}"
     if mean_overhead is not None:
-        notes += f", mean fixed overhead {mean_overhead:.1f} s/point"
+        notes += (
+            f", mean fixed overhead {mean_overhead:.1f} s/point = "
+            f"{mean_overhead / empty_seconds:.1f}x one empty notebook ({empty_seconds:.1f} s)"
+        )
     return {
         "seconds": seconds,
         "images": None,
@@ -188,5 +220,6 @@ def step_grid(cfg: dict[str, Any]) -> dict[str, Any]:
         "grid_points": points,
         "training_seconds": training,
         "mean_fixed_overhead_seconds": mean_overhead,
+        "empty_notebook_seconds": empty_seconds,
         "notes": notes,
     }
