@@ -8,7 +8,7 @@ GRID ?= strategies.yaml
 PYTEST_FAST := $(PY) -m pytest -m "not slow" --nbval tests notebooks
 PYTEST_SLOW := $(PY) -m pytest -m slow tests
 
-.PHONY: setup data run test test-slow lint lab ui bench
+.PHONY: setup data run test test-slow lint lab ui bench bench-scale
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,6 @@ ui: $(STAMP)
 
 bench: setup
 	$(PY) benchmarks/run_benchmarks.py $(BENCH_ARGS)
+
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py $(SCALE_ARGS)
