@@ -231,9 +231,11 @@ def test_noise_floor_from_the_fold_spread():
 
 
 def test_noise_floor_from_seeds_and_the_points_closer_than_it():
-    # seeds 0.93, 0.94, 0.95: sd 0.01; sqrt(0.45 * 2e-4) = 0.00948683;
-    # mdd = 3.717410 * 0.00948683 = 0.0352664 (k stays the 5 folds).
-    floor = noise_floor([0.93, 0.94, 0.95], FOLDS, N_TRAIN, N_TEST)
+    # 3 seeds x 5 folds; every fold's three scores are f - 0.01, f, f + 0.01: within-fold
+    # variance 1e-4 in each fold, pooled sd 0.01 (the fold-to-fold spread of FOLDS drops out);
+    # sqrt(0.45 * 2e-4) = 0.00948683; mdd = 3.717410 * 0.00948683 = 0.0352664.
+    seeds = [[f + d for f in FOLDS] for d in (-0.01, 0.0, 0.01)]
+    floor = noise_floor(seeds, FOLDS, N_TRAIN, N_TEST)
     assert floor.source == "seeds" and (floor.n_runs, floor.k) == (3, 5)
     assert floor.run_sd == pytest.approx(0.01, rel=1e-12)
     assert floor.min_detectable_difference == pytest.approx(0.0352664, abs=1e-6)
@@ -248,8 +250,12 @@ def test_noise_floor_from_seeds_and_the_points_closer_than_it():
 
 
 def test_noise_floor_refuses_what_it_cannot_estimate():
-    with pytest.raises(ValueError, match="at least 2 seed scores"):
-        noise_floor([0.9], FOLDS, N_TRAIN, N_TEST)
+    with pytest.raises(ValueError, match="at least 2 seed repetitions"):
+        noise_floor([FOLDS], FOLDS, N_TRAIN, N_TEST)
+    with pytest.raises(ValueError, match=r"\[repetitions >= 2, 5 folds\], got shape \(2, 4\)"):
+        noise_floor([FOLDS[:4], FOLDS[:4]], FOLDS, N_TRAIN, N_TEST)
+    with pytest.raises(ValueError, match="seed score of fold 0 is 95"):
+        noise_floor([[95.0] * 5, FOLDS], FOLDS, N_TRAIN, N_TEST)
     with pytest.raises(ValueError, match="at least 2 folds"):
         noise_floor(None, [0.9], N_TRAIN, N_TEST)
     with pytest.raises(ValueError, match="power"):

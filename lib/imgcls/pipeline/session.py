@@ -31,8 +31,10 @@ from imgcls.data.folders import (
     require_split,
     scan_image_folder,
 )
+from imgcls.modeling import seeds
 from imgcls.modeling.checkpoint import save_checkpoint
 from imgcls.modeling.crossval import CVResult, cross_validate, prepare_inputs, refit
+from imgcls.modeling.ensemble import fold_ensemble, with_tta
 from imgcls.modeling.features import set_threads
 from imgcls.modeling.training import TrainingInputs
 from imgcls.selection.comparison import PARAM_FOLD_ASSIGNMENT
@@ -157,6 +159,7 @@ class TrainingSession:
                 )
             ],
         )
+        self._log_seed_repetitions(result, progress)
         with tempfile.TemporaryDirectory() as tmp:
             assignment = pd.DataFrame(
                 {
@@ -170,6 +173,37 @@ class TrainingSession:
             client.log_artifact(self.run_id, str(Path(tmp) / "fold_assignment.csv"), "cv")
             client.log_artifacts(self.run_id, str(Path(tmp) / "checkpoints"), "checkpoints")
         return result
+
+    def _log_seed_repetitions(self, result: CVResult, progress: bool) -> None:
+        """For a head on cached features, repeat the CV with other seeds on the same folds.
+
+        Logs the fold scores of repetition i (1..4) as metric ``fold_val_accuracy_seed<i>``
+        (step = fold, like ``fold_val_accuracy``, which is repetition 0) and
+        ``seed_repetition_seconds``; notebook 04's noise floor reads them
+        (:meth:`imgcls.selection.comparison.GridComparison.noise_floor`). Fine-tuned strategies
+        log nothing here (a repeat costs a full CV): their noise floor uses the fold spread.
+        """
+        if self.inputs is None or not seeds.can_repeat_cheaply(self.inputs):
+            return
+        start = time.perf_counter()
+        if progress:
+            logger.info("Seed repetitions for the noise floor (heads on cached features):")
+        extra = seeds.repetition_seeds(self.strategy.seed)[1:]
+        scores = seeds.seed_fold_scores(
+            self.inputs, result.fold_assignment, extra, self.strategy.epochs
+        )
+        now = int(time.time() * 1000)
+        MlflowClient().log_batch(
+            self.run_id,
+            metrics=[
+                mlflow.entities.Metric(seeds.seed_metric(repetition), float(value), now, fold)
+                for repetition, row in enumerate(scores, start=1)
+                for fold, value in enumerate(row)
+            ],
+        )
+        tracking.log_batch(
+            self.run_id, metrics={"seed_repetition_seconds": time.perf_counter() - start}
+        )
 
     def _log_fold_run(self, name: str, tags: dict[str, str], fold: Any) -> None:
         """Log one fold as a FINISHED child run ``name`` of the parent run."""
@@ -247,6 +281,10 @@ class TrainingSession:
     def refit(self, result: CVResult, progress: bool = True) -> dict[str, Any]:
         """Train on all training data (epochs = mean best CV epoch); log checkpoint and pyfunc model.
 
+        With ``ensemble: folds`` nothing is retrained: the model is the fold models' heads on one
+        backbone (:func:`imgcls.modeling.ensemble.fold_ensemble`, ``epochs`` 0); with ``tta: flip``
+        it averages each image and its mirror (:func:`imgcls.modeling.ensemble.with_tta`).
+
         The pyfunc model becomes a LoggedModel of the parent run, carrying the strategy's params;
         evaluation finds it with :func:`imgcls.tracking.logged_model`. Returns ``model_uri``,
         ``model_id``, ``epochs``, ``seconds`` (wall-clock) and ``final_train_accuracy``.
@@ -254,15 +292,22 @@ class TrainingSession:
         from imgcls.serving.pyfunc import log_pyfunc_model
 
         epochs = result.refit_epochs()
-        model, history, seconds = refit(
-            self.strategy,
-            self.folder,
-            self.data_md5,
-            epochs,
-            self.device,
-            inputs=self.inputs,
-            progress=progress,
-        )
+        if self.strategy.ensemble == "folds":  # the served model is the fold models averaged
+            epochs = 0
+            model, history, seconds = fold_ensemble(
+                self.strategy, result.folds, self.inputs, self.folder, self.data_md5
+            )
+        else:
+            model, history, seconds = refit(
+                self.strategy,
+                self.folder,
+                self.data_md5,
+                epochs,
+                self.device,
+                inputs=self.inputs,
+                progress=progress,
+            )
+            model = with_tta(model, self.strategy.tta)
         if progress:
             logger.info(
                 "  refit on %d images, %d epochs (%.1fs)", len(self.folder), epochs, seconds

@@ -22,6 +22,8 @@ from imgcls import tracking
 from imgcls.core import names
 from imgcls.evaluation import metrics
 from imgcls.evaluation.latency import METRIC_LATENCY
+from imgcls.modeling import seeds
+from imgcls.modeling.seeds import SEED_REPETITIONS
 from imgcls.selection import verdict as verdicts
 from imgcls.selection.incumbent import (
     CHAMPION_ALIAS,
@@ -251,16 +253,31 @@ class GridComparison:
         return (n_total - n_test, n_test)
 
     def noise_floor(self, alpha: float = 0.05, power: float = 0.8) -> tuple[NoiseFloor, list[str]]:
-        """Return the champion's noise floor from its fold spread, and the points inside it.
+        """Return the champion's noise floor and the grid points inside it.
 
-        :func:`imgcls.selection.noisefloor.noise_floor` on the champion's fold scores (no seed
-        repetitions yet: the fold spread stands in for the run-to-run spread) and
-        :func:`~imgcls.selection.noisefloor.closer_than_floor` over mean CV accuracy (the grid
-        points whose distance to the champion is below the smallest detectable difference).
-        Raises ValueError when the champion has fewer than 2 fold scores or no n_train_images.
+        :func:`imgcls.selection.noisefloor.noise_floor` on the champion's seed repetitions
+        (its ``fold_val_accuracy``, then ``fold_val_accuracy_seed<i>``, which notebook 02 logs
+        for heads on cached features: :mod:`imgcls.modeling.seeds`) when it has them, otherwise
+        on its fold spread (fine-tuned strategies), and :func:`~imgcls.selection.noisefloor.closer_than_floor`
+        over mean CV accuracy (the grid points whose distance to the champion is below the
+        smallest detectable difference). Raises ValueError when the champion has fewer than 2
+        fold scores or no n_train_images.
         """
         best = self.champion()
-        floor = noise_floor(None, self.fold_scores()[best], *self.fold_sizes(best), alpha, power)
+        client, run_id = MlflowClient(), self.runs.loc[best, "run_id"]
+        repeats = [self.fold_scores()[best]]
+        for i in range(1, SEED_REPETITIONS):
+            history = client.get_metric_history(run_id, seeds.seed_metric(i))
+            scores = [m.value for m in sorted(history, key=lambda m: m.step)]
+            if len(scores) == len(repeats[0]):
+                repeats.append(scores)
+        floor = noise_floor(
+            repeats if len(repeats) >= 2 else None,
+            self.fold_scores()[best],
+            *self.fold_sizes(best),
+            alpha,
+            power,
+        )
         means = self._metric("cv_accuracy_mean").to_dict()
         return floor, floor.closer_than_floor(means, best)
 
