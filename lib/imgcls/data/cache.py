@@ -4,6 +4,10 @@ JPEG decoding costs more than a small model's forward pass on a small CPU, so ea
 decoded and resized once per (data version, file list, image size) into a uint8 array. Every
 cache file is written to a temporary name and renamed, so a killed process never leaves a
 half-written file under the real name.
+
+Memory does not grow with the dataset: decoding streams rows into the cache file
+(:class:`imgcls.data.arrays.NpyStream`), and cache files are returned as read-only memory maps,
+read a batch of rows at a time with :func:`imgcls.data.arrays.take_rows`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 
 from imgcls.core import paths
 from imgcls.core.config import stable_hash
+from imgcls.data.arrays import NpyStream, writer_is_gone
 from imgcls.data.folders import ImageFolder
 from imgcls.data.images import load_rgb, usable_cores
 
@@ -47,8 +52,10 @@ def remove_stale_partial_files(
 ) -> list[Path]:
     """Delete the ``.*.tmp`` files a killed writer left in the cache; return what was deleted.
 
-    A cache file is written in seconds, so a temporary file older than ``max_age_seconds`` has
-    no living writer; younger ones may belong to a concurrent process and are left alone.
+    A temporary file whose writer process (named in the file name, see
+    :func:`imgcls.data.arrays.writer_is_gone`) no longer exists is deleted at once; any other
+    temporary file is deleted when older than ``max_age_seconds`` (its last write), since a
+    living writer keeps writing to it. Younger files of living writers are left alone.
     """
     root = cache_root or paths.cache_dir()
     if not root.is_dir():
@@ -57,7 +64,7 @@ def remove_stale_partial_files(
     cutoff = time.time() - max_age_seconds
     for path in root.glob("*/.*.tmp"):
         with contextlib.suppress(OSError):
-            if path.stat().st_mtime < cutoff:
+            if writer_is_gone(path) or path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed.append(path)
     return removed
@@ -68,12 +75,17 @@ def cache_file(kind: str, key: dict, cache_root: Path | None = None) -> Path:
     return (cache_root or paths.cache_dir()) / kind / f"{stable_hash(key, 24)}.npy"
 
 
-def load_cached(path: Path) -> np.ndarray | None:
-    """Return the array stored at ``path``, or None when it is missing or unreadable (then removed)."""
+def load_cached(path: Path) -> np.memmap | None:
+    """Return the array at ``path`` as a read-only memory map, or None when missing or unreadable.
+
+    Nothing is read but the header: ``np.load(mmap_mode="r")`` maps the file. A file shorter than
+    its header says (truncated) or with a broken header raises ValueError there; such a file is
+    removed, to be rebuilt rather than trusted.
+    """
     if not path.is_file():
         return None
     try:
-        return np.load(path)
+        return np.load(path, mmap_mode="r")
     except (ValueError, OSError):
         path.unlink(missing_ok=True)  # unreadable: rebuild rather than fail or trust it
         return None
@@ -82,14 +94,20 @@ def load_cached(path: Path) -> np.ndarray | None:
 def cached_array(
     kind: str, key: dict, build: Callable[[], np.ndarray], cache_root: Path | None = None
 ) -> tuple[np.ndarray, bool]:
-    """Return ``(array, hit)``: load ``<cache>/<kind>/<hash(key)>.npy`` or build and store it."""
+    """Return ``(array, hit)``: load ``<cache>/<kind>/<hash(key)>.npy`` or build and store it.
+
+    The array is the stored file as a read-only memory map (:func:`load_cached`), on a hit and on
+    a miss alike. ``build`` returns the whole array in memory; for arrays that grow with the
+    dataset write an :class:`~imgcls.data.arrays.NpyStream` instead.
+    """
     path = cache_file(kind, key, cache_root)
     array = load_cached(path)
     if array is not None:
         return array, True
-    array = build()
-    atomic_save_npy(path, array)
-    return array, False
+    built = build()
+    atomic_save_npy(path, built)
+    stored = load_cached(path)
+    return (built if stored is None else stored), False
 
 
 def decoded_key(folder: ImageFolder, image_size: int, data_md5: str) -> dict:
@@ -123,11 +141,14 @@ class DecodedImages:
     """A split's images as uint8 ``[N, 3, S, S]``: from the cache, or decoded and then cached.
 
     On a cache miss a background thread hands the files to a pool of ``workers`` decoding
-    threads (default :func:`decode_workers` for the ``device`` the images are for), each writing its rows in place, and stores the
-    array in the cache when every row is done. Pillow releases the GIL while it decodes and
-    resizes, so the threads run in parallel, and a consumer (the backbone's forward pass) can
-    work on the first rows (:meth:`wait_for`) while the rest are still being decoded. Row ``i``
-    is always ``folder.paths[i]``, and the array is the same whatever the number of workers.
+    threads (default :func:`decode_workers` for the ``device`` the images are for), each writing
+    its rows straight into a temporary cache file (:class:`~imgcls.data.arrays.NpyStream`),
+    which is renamed onto the cache entry when every row is done. Pillow releases the GIL while
+    it decodes and resizes, so the threads run in parallel, and a consumer (the backbone's
+    forward pass) can read the first rows of :attr:`array` (:meth:`wait_for`) while the rest are
+    still being decoded. Row ``i`` is always ``folder.paths[i]``, and the array is the same
+    whatever the number of workers. :attr:`array` is a read-only memory map: of the temporary
+    file while decoding, of the cache entry once done; the images are never all in memory.
     """
 
     def __init__(
@@ -148,7 +169,8 @@ class DecodedImages:
         if cached is not None:
             self.array, self._done, self._thread = cached, len(cached), None
             return
-        self.array = np.empty((len(folder), 3, image_size, image_size), dtype=np.uint8)
+        self._stream = NpyStream(self._path, (len(folder), 3, image_size, image_size), np.uint8)
+        self.array: np.ndarray = self._stream.array
         self._done = 0
         desc = f"decode {folder.root.name} @{image_size}px" if progress else None
         self._thread = threading.Thread(
@@ -157,7 +179,7 @@ class DecodedImages:
         self._thread.start()
 
     def _decode_row(self, index: int, path: Path, image_size: int) -> None:
-        self.array[index] = load_rgb(path, image_size).transpose(2, 0, 1)
+        self._stream.write(index, load_rgb(path, image_size).transpose(2, 0, 1)[None])
 
     def _decode(self, files: list[Path], image_size: int, desc: str | None) -> None:
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode")
@@ -176,8 +198,13 @@ class DecodedImages:
                     with self._ready:
                         self._done = index + 1
                         self._ready.notify_all()
-            atomic_save_npy(self._path, self.array)
+            self.array = self._stream.publish()
         except BaseException as exc:  # handed to the consumer, which re-raises it
+            # No worker may still write when the file is closed (its descriptor number could be
+            # reused by another file); then the temporary file goes: the cache entry's name
+            # never holds a partial file, and the next call decodes again.
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._stream.discard()
             with self._ready:
                 self._error = exc
                 self._ready.notify_all()
@@ -204,7 +231,8 @@ def decoded_images(
 ) -> np.ndarray:
     """Return all images of a split as uint8 ``[N, 3, S, S]``, decoded once and cached.
 
-    Raises :class:`imgcls.data.images.ImageReadError` naming the first file (in file order) that cannot
+    The array is the cache file as a read-only memory map; read it in row batches with
+    :func:`imgcls.data.arrays.take_rows`. Raises :class:`imgcls.data.images.ImageReadError` naming the first file (in file order) that cannot
     be read.
     """
     return DecodedImages(folder, image_size, data_md5, progress).result()

@@ -16,20 +16,24 @@ Device policy, shared by training and feature extraction:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from imgcls.core.config import stable_hash
-from imgcls.data.cache import DecodedImages, cached_array
+from imgcls.data.arrays import NpyStream, take_rows
+from imgcls.data.cache import DecodedImages, cache_file, load_cached
 from imgcls.data.folders import ImageFolder
 from imgcls.modeling.models import Preprocessing, build_backbone, weights_identity
 
 # Images per forward pass when predicting (validation, evaluation): on a CPU, 32 is as fast as
 # 64-128 and holds less activation memory. Feature extraction keeps batches of 64.
 EVAL_BATCH_SIZE = 32
+# Feature rows gathered (on the device) before one copy to the host and the cache file: one host
+# synchronisation per 4096 rows on CUDA, and at most 4096 x F floats (8 MB at F = 512) in memory.
+FEATURE_FLUSH_ROWS = 4096
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -127,6 +131,51 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator, pad: int = 8)
 
 
 @torch.inference_mode()
+def embed_batches(
+    backbone: nn.Module,
+    images: np.ndarray,
+    prep: Preprocessing,
+    device: torch.device,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "features",
+    wait_for: Callable[[int], None] | None = None,
+    flush_rows: int = FEATURE_FLUSH_ROWS,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Run a backbone in eval mode over uint8 images ``[N, 3, S, S]``, a block of rows at a time.
+
+    Yields ``(start, features)``: float32 ``[k, F]`` for rows ``start..start+k``, in row order,
+    ``k`` about ``flush_rows``. Images are read ``batch_size`` rows at a time
+    (:func:`~imgcls.data.arrays.take_rows`: a memory-mapped ``images`` is never all in memory).
+    On CUDA the forward passes run under :func:`amp_context` (bfloat16 or float16; the features
+    are cast back to float32, about 3 significant digits in bfloat16) and a block's features stay
+    on the GPU until one copy to the host per block, so the host waits once per block, not per
+    batch. On the CPU everything is float32. ``wait_for(rows)``, when given, blocks until the first
+    ``rows`` images are filled in (images still being decoded by
+    :class:`~imgcls.data.cache.DecodedImages`).
+    """
+    backbone.eval().to(device)
+    backbone = backbone.to(memory_format=torch.channels_last)
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", mininterval=3)
+    chunks: list[torch.Tensor] = []
+    block_start = 0
+    for start in starts:
+        stop = min(start + batch_size, len(images))
+        if wait_for is not None:
+            wait_for(stop)
+        rows = torch.from_numpy(take_rows(images, slice(start, stop)))
+        batch = to_model_input(rows, prep, device)
+        with amp_context(device):
+            chunks.append(backbone(batch).float())
+        if stop - block_start >= flush_rows or stop == len(images):
+            yield block_start, torch.cat(chunks).cpu().numpy()
+            chunks, block_start = [], stop
+
+
 def embed_images(
     backbone: nn.Module,
     images: np.ndarray,
@@ -139,27 +188,14 @@ def embed_images(
 ) -> np.ndarray:
     """Run a backbone in eval mode over uint8 images ``[N, 3, S, S]``; return float32 ``[N, F]``.
 
-    On CUDA the forward passes run under :func:`amp_context` (bfloat16 or float16; the features are
-    cast back to float32, about 3 significant digits in bfloat16) and the batches' features stay on
-    the GPU until one copy to the host at the end, so the host never waits for a batch. On the CPU
-    everything is float32. ``wait_for(rows)``, when given, blocks until the first ``rows`` images
-    are filled in (images still being decoded by :class:`~imgcls.data.cache.DecodedImages`).
+    :func:`embed_batches` gathered into one in-memory array (``N x F`` floats); the feature cache
+    (:func:`cached_features`) streams the blocks to its file instead. Raises ValueError for
+    ``N = 0``.
     """
-    backbone.eval().to(device)
-    backbone = backbone.to(memory_format=torch.channels_last)
-    starts = range(0, len(images), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", mininterval=3)
-    chunks = []
-    for start in starts:
-        if wait_for is not None:
-            wait_for(min(start + batch_size, len(images)))
-        batch = to_model_input(torch.from_numpy(images[start : start + batch_size]), prep, device)
-        with amp_context(device):
-            chunks.append(backbone(batch).float())
-    return torch.cat(chunks).cpu().numpy()
+    if len(images) == 0:
+        raise ValueError("embed_images needs at least one image, got an empty array")
+    blocks = embed_batches(backbone, images, prep, device, batch_size, progress, desc, wait_for)
+    return np.concatenate([block for _, block in blocks])
 
 
 def cached_features(
@@ -177,8 +213,10 @@ def cached_features(
     forward pass on ``device`` leaves free) while the backbone is built and embeds the rows
     decoded so far. ``device`` None means :func:`pick_device`'s choice. Features computed under
     CUDA autocast differ from float32 ones in the 3rd-4th digit, so the autocast dtype is part of
-    the cache key (float32 keys are unchanged, so existing CPU caches stay valid). Raises
-    :class:`imgcls.data.images.ImageReadError` naming an unreadable file.
+    the cache key (float32 keys are unchanged, so existing CPU caches stay valid). The features
+    are written to the cache file block by block (:func:`embed_batches`) and returned as its
+    read-only memory map. Raises :class:`imgcls.data.images.ImageReadError` naming an unreadable
+    file.
     """
     target = pick_device(str(device) if device else None)
     key = {
@@ -193,24 +231,28 @@ def cached_features(
     if (dtype := amp_dtype(target)) is not None:
         key["autocast"] = str(dtype).removeprefix("torch.")
 
-    def build() -> np.ndarray:
-        # Images not decoded yet are decoded in a background thread while the backbone is built
-        # (importing timm) and embeds the rows decoded so far.
-        images = DecodedImages(folder, image_size, data_md5, device=str(target))
-        backbone, _, prep = build_backbone(backbone_name, weights, image_size)
-        features = embed_images(
-            backbone,
-            images.array,
-            prep,
-            target,
-            progress=progress,
-            desc=f"{backbone_name} features {folder.root.name}",
-            wait_for=images.wait_for,
-        )
+    path = cache_file("features", key)
+    cached = load_cached(path)
+    if cached is not None:
+        return cached, True
+    # Images not decoded yet are decoded in a background thread while the backbone is built
+    # (importing timm) and embeds the rows decoded so far.
+    images = DecodedImages(folder, image_size, data_md5, device=str(target))
+    backbone, width, prep = build_backbone(backbone_name, weights, image_size)
+    blocks = embed_batches(
+        backbone,
+        images.array,
+        prep,
+        target,
+        progress=progress,
+        desc=f"{backbone_name} features {folder.root.name}",
+        wait_for=images.wait_for,
+    )
+    with NpyStream(path, (len(folder), width), np.float32) as stream:
+        for start, block in blocks:
+            stream.write(start, block)
         images.result()  # the decoded images are cached too (fine-tuning and 03 read them)
-        return features
-
-    return cached_array("features", key, build)
+        return stream.publish(), False
 
 
 def set_threads(torch_threads: int) -> int:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from imgcls.core.config import Strategy
+from imgcls.data.arrays import take_rows
 from imgcls.data.cache import decoded_images
 from imgcls.data.folders import ImageFolder
 from imgcls.modeling.features import (
@@ -82,7 +83,11 @@ class FoldResult:
 
 
 class TrainingInputs:
-    """Everything a strategy trains on: the inputs array, labels and how to turn rows into a batch."""
+    """Everything a strategy trains on: the inputs array, labels and how to turn rows into a batch.
+
+    ``inputs`` is the cached features (float32 ``[N, F]``) or decoded images (uint8
+    ``[N, 3, S, S]``) as a read-only memory map; :meth:`batch` copies only a batch's rows.
+    """
 
     def __init__(
         self,
@@ -114,13 +119,11 @@ class TrainingInputs:
                 device,
                 progress,
             )
-            self.inputs = torch.from_numpy(features)
+            self.inputs: np.ndarray = features
         else:
             self.template, self.prep = self._build_classifier()
             self.cache_hit = False
-            self.inputs = torch.from_numpy(
-                decoded_images(folder, strategy.image_size, data_md5, progress=progress)
-            )
+            self.inputs = decoded_images(folder, strategy.image_size, data_md5, progress=progress)
 
     def new_model(self, seed: int) -> Classifier:
         """Return a fresh model with the head initialised from ``seed``.
@@ -182,8 +185,13 @@ class TrainingInputs:
         """Return the model-ready batch for ``rows`` (augmented when a generator is given).
 
         Features: float32 ``[B, F]``; images: normalised float32 ``[B, 3, S, S]``, channels_last.
+        Only the rows of the batch are read from the memory-mapped inputs (``take_rows``); inputs
+        replaced by an in-memory tensor are indexed directly.
         """
-        data = self.inputs[rows]
+        if isinstance(self.inputs, torch.Tensor):
+            data = self.inputs[rows]
+        else:
+            data = torch.from_numpy(take_rows(self.inputs, rows.numpy()))
         if self.use_features:
             return to_device(data, self.device)
         batch = to_model_input(data, self.prep, self.device)
