@@ -46,11 +46,8 @@ def _notebook_parameters(plan: Plan, options: RunnerOptions, torch_threads: int)
 
 
 def _promotion_parameters(plan: Plan) -> dict[str, Any]:
-    """The grid file's ``promotion:`` settings as notebook 04's parameters."""
-    return {
-        "promotion_rope": plan.grid.promotion.rope,
-        "promotion_alpha": plan.grid.promotion.alpha,
-    }
+    """The grid file's ``promotion:`` settings, every field, as notebook 04's ``promotion``."""
+    return {"promotion": plan.grid.promotion.model_dump()}
 
 
 def run_single_notebook(
@@ -234,7 +231,20 @@ def _execute_plan(plan: Plan, options: RunnerOptions, start: float) -> int:
         run_id_parameter="comparison_run_id",
     )
     from imgcls.reporting.reports import write_index
+    from imgcls.reporting.summary_page import write_summary
 
+    # the index and the summary link each other, and each links only pages that exist
+    write_index(plan, data_result, compare, reports)
+    summary = write_summary(
+        reports,
+        options.experiment,
+        plan.grid_id,
+        model_name=plan.model_name,
+        comparison_run_id=compare.get("run_id"),
+        grid_points=[point.strategy.run_name for point in plan.points],
+        tracking_uri=plan.tracking_uri,
+    )
+    log(f"one-file summary (self-contained, to send): {summary}")
     index = write_index(plan, data_result, compare, reports)
     return summarise(plan, options, data_result, compare, index, start)
 

@@ -346,3 +346,64 @@ def strategy_bars(table: pd.DataFrame, value: str, error: str | None, title: str
         _message(ax, "no strategies")
     fig.tight_layout()
     return fig
+
+
+def critical_difference_plot(
+    mean_ranks: pd.Series, p_values: pd.DataFrame, alpha: float, title: str
+) -> Figure:
+    """Take mean ranks over folds and pairwise p-values; return a critical-difference diagram.
+
+    ``mean_ranks`` [m]: grid point -> mean rank over the folds (1 = best); ``p_values``
+    [m x m]: the adjusted p-value of every pair (same labels as index and columns, diagonal
+    ignored). Points joined by a crossbar are not significantly different at ``alpha``. Drawn
+    by scikit-posthocs' ``critical_difference_diagram`` (Demsar 2006, JMLR 7, 1-30), which
+    reads only ranks and p-values, so the test behind the crossbars is the caller's. Raises
+    ValueError when fewer than 2 points are given or the labels of the two inputs differ.
+    """
+    import scikit_posthocs
+
+    labels = [str(label) for label in mean_ranks.index]
+    if len(labels) < 2:
+        raise ValueError(f"a critical-difference diagram needs >= 2 points, got {labels}")
+    if sorted(labels) != sorted(str(c) for c in p_values.columns):
+        raise ValueError(f"ranks of {labels} but p-values of {list(p_values.columns)}")
+    fig, ax = plt.subplots(figsize=(9, max(2.6, 0.42 * len(labels) + 1.4)))
+    scikit_posthocs.critical_difference_diagram(
+        mean_ranks.astype(float),
+        p_values.astype(float),
+        alpha=alpha,
+        ax=ax,
+        label_fmt_left="{label} ({rank:.2f})",
+        label_fmt_right="({rank:.2f}) {label}",
+        label_props={"fontsize": "small"},
+    )
+    ax.set_title(title, pad=28)
+    ax.set_xlabel("mean rank over folds (1 = best)")
+    ax.xaxis.set_label_position("top")
+    fig.tight_layout()
+    return fig
+
+
+def champion_gaps_plot(gaps: pd.Series, floor: float, close: Sequence[str], title: str) -> Figure:
+    """Take each grid point's mean CV accuracy minus the champion's; return horizontal bars.
+
+    ``gaps`` [m]: grid point -> difference in accuracy points (%, the champion's is 0);
+    ``floor``: the smallest detectable difference in the same units, drawn dashed at +-floor
+    (NaN: no lines); points in ``close`` (closer to the champion than the floor) are orange.
+    """
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.4 * len(gaps) + 1.5)))
+    names = [str(name) for name in gaps.index]
+    colours = ["tab:orange" if name in set(close) else "tab:blue" for name in names]
+    ax.barh(np.arange(len(names)), gaps.to_numpy(dtype=float), color=colours)
+    ax.set_yticks(np.arange(len(names)), names)
+    if math.isfinite(floor):
+        for side in (-1, 1):
+            ax.axvline(side * floor, color="grey", linestyle="--")
+    ax.invert_yaxis()
+    ax.set_title(title)
+    ax.set_xlabel("difference in mean CV accuracy (accuracy points, %)")
+    ax.set_ylabel("grid point")
+    if not names:
+        _message(ax, "no grid points")
+    fig.tight_layout()
+    return fig

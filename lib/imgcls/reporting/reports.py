@@ -134,6 +134,8 @@ def write_index(plan: Any, data_result: dict, compare: dict, reports: Path) -> P
                 ),
             ],
             rows=[_row(point, reports) for point in plan.points],
+            # the one-file report (imgcls.reporting.summary_page), linked once it is written
+            summary=_link(reports / "summary.html", reports, "summary.html"),
         )
     )
     index = reports / "index.html"
