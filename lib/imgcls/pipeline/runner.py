@@ -46,11 +46,8 @@ def _notebook_parameters(plan: Plan, options: RunnerOptions, torch_threads: int)
 
 
 def _promotion_parameters(plan: Plan) -> dict[str, Any]:
-    """The grid file's ``promotion:`` settings as notebook 04's parameters."""
-    return {
-        "promotion_rope": plan.grid.promotion.rope,
-        "promotion_alpha": plan.grid.promotion.alpha,
-    }
+    """The grid file's ``promotion:`` settings, every field, as notebook 04's ``promotion``."""
+    return {"promotion": plan.grid.promotion.model_dump()}
 
 
 def run_single_notebook(
