@@ -152,3 +152,32 @@ def test_notebooks_are_valid_nbformat_with_cell_ids():
         assert len(set(ids)) == len(ids), f"{path.name}: duplicate cell ids"
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1, f"{path.name}: needs exactly one 'parameters' cell"
+
+
+def test_every_repository_path_named_in_the_docs_exists():
+    """README, docs, the grid file and the Makefile name files (lib/imgcls/..., notebooks/...,
+    benchmarks/...); a module moved in a restructure must not leave a stale pointer behind."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    texts = [
+        ROOT / name
+        for name in tracked
+        if name.endswith((".md", ".yaml", ".yml")) or name in ("Makefile", "pyproject.toml")
+    ]
+    # a repository-relative path (not /usr/lib/...), without placeholders such as NAME or
+    # <date> that stand for a user's value
+    pattern = re.compile(
+        r"(?<![\w/.])((?:lib|notebooks|benchmarks|tests|docs|\.github)/[\w./-]*\w)"
+    )
+    missing = set()
+    for text in texts:
+        content = text.read_text(encoding="utf-8")
+        for match in pattern.finditer(content):
+            found = match.group(1)
+            placeholder = any(part.isupper() for part in re.split(r"[/.]", found)) or content[
+                match.end() : match.end() + 2
+            ].startswith(("<", "-<"))
+            if not placeholder and not (ROOT / found).exists():
+                missing.add(f"{text.relative_to(ROOT)}: {found}")
+    assert not missing, "paths named in the docs that do not exist:\n" + "\n".join(sorted(missing))
