@@ -113,9 +113,9 @@ def dataset_files(root: str | Path) -> list[Path]:
     Paths keep ``root`` as prefix (links are not resolved in the returned paths).
     """
     root = Path(root)
-    found: list[Path] = []
+    found: list[tuple[str, Path]] = []  # (relative POSIX path, path): sorted without pathlib
 
-    def walk(folder: Path, ancestors: frozenset[Path]) -> None:
+    def walk(folder: Path, rel: str, ancestors: frozenset[Path]) -> None:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if is_ignored(entry.name):
                 continue
@@ -124,17 +124,20 @@ def dataset_files(root: str | Path) -> list[Path]:
                 real = path.resolve()
                 if real in ancestors:
                     raise DataError(f"{path}: symbolic link loops back to {real}; remove the link")
-                walk(path, ancestors | {real})
+                walk(path, f"{rel}{entry.name}/", ancestors | {real})
             elif entry.is_file(follow_symlinks=True):
-                found.append(path)
+                found.append((f"{rel}{entry.name}", path))
             elif entry.is_symlink():
                 raise DataError(
                     f"{path}: broken symbolic link (target {os.readlink(path)!r} not found); "
                     "remove it or restore its target"
                 )
 
-    walk(root, frozenset({root.resolve()}))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    walk(root, "", frozenset({root.resolve()}))
+    return [path for _, path in sorted(found, key=lambda item: item[0])]
+
+
+_relpath = validation.relative_posix
 
 
 def scan_image_folder(
@@ -246,7 +249,7 @@ def recorded_md5s(root: Path, files: list[Path]) -> list[str]:
     found: dict[str, list] = {}
     digests = []
     for path in files:
-        rel = path.relative_to(root).as_posix()
+        rel = _relpath(root, path)
         info = path.stat()
         entry = known.get(rel) if isinstance(known, dict) else None
         if isinstance(entry, list) and entry[:2] == [info.st_size, info.st_mtime_ns]:
@@ -269,11 +272,13 @@ def directory_md5(root: str | Path) -> str:
     file's md5 is recorded per file version (:func:`recorded_md5s`), so an unchanged dataset
     costs a stat per file, not a read of every byte.
     """
-    root = Path(root)
-    files = dataset_files(root)
+    return _directory_md5(Path(root), dataset_files(root))
+
+
+def _directory_md5(root: Path, files: list[Path]) -> str:
     digests = recorded_md5s(root, files)
     entries = [
-        {"md5": digest, "relpath": p.relative_to(root).as_posix()}
+        {"md5": digest, "relpath": _relpath(root, p)}
         for p, digest in zip(files, digests, strict=True)
     ]
     return hashlib.md5(json.dumps(entries).encode()).hexdigest() + ".dir"
@@ -298,12 +303,14 @@ def listing_stamp(root: Path) -> str:
     Stat follows symbolic links, so replacing the file behind a link changes the stamp. This is
     the same evidence DVC's own state database uses to decide that a file is unchanged.
     """
+    return _listing_stamp(Path(root), dataset_files(root))
+
+
+def _listing_stamp(root: Path, files: list[Path]) -> str:
     digest = hashlib.md5()
-    for path in dataset_files(root):
+    for path in files:
         info = path.stat()
-        digest.update(
-            f"{path.relative_to(root).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}\n".encode()
-        )
+        digest.update(f"{_relpath(root, path)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -316,9 +323,10 @@ def data_version(root: str | Path | None = None) -> str:
     root = Path(root) if root else paths.data_dir()
     if not root.is_dir():
         raise DataError(f"{root}: dataset not found; fetch it with `dvc pull` (or `make setup`)")
-    key = (str(root.resolve()), listing_stamp(root))
+    files = dataset_files(root)  # listed once for the stamp and the hash
+    key = (str(root.resolve()), _listing_stamp(root, files))
     if key not in _VERSION_CACHE:
-        _VERSION_CACHE[key] = directory_md5(root)
+        _VERSION_CACHE[key] = _directory_md5(root, files)
     actual = _VERSION_CACHE[key]
     if root.resolve() == paths.data_dir().resolve():
         expected = expected_data_md5()

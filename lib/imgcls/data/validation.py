@@ -54,6 +54,18 @@ def _file_stamp(path: Path) -> FileStamp | None:
     return info.st_size, info.st_mtime_ns
 
 
+def relative_posix(root: Path, path: Path) -> str:
+    """Return ``path.relative_to(root).as_posix()``, by string slicing when ``root`` is a prefix.
+
+    Pathlib's version costs about 50 us a file (Python 3.11), which dominated re-checking an
+    unchanged dataset. Raises ValueError when ``path`` is not under ``root``.
+    """
+    prefix, text = f"{root}{os.sep}", str(path)
+    if text.startswith(prefix):
+        return text[len(prefix) :].replace(os.sep, "/")
+    return path.relative_to(root).as_posix()
+
+
 def validation_record_file(folder: Path) -> Path:
     """Return the file that records the validated files of ``folder`` (it may not exist).
 
@@ -195,7 +207,7 @@ def _check_new(
     known = load_checked(folder)
     not_before = time.time_ns() - int(RACY_MTIME_SECONDS * 1e9)
     stamps = {path: _file_stamp(path) for path in candidates}
-    relpaths = {path: path.relative_to(folder).as_posix() for path in candidates}
+    relpaths = {path: relative_posix(folder, path) for path in candidates}
     hashes: dict[Path, int] = {}
     todo = []
     for path in candidates:
