@@ -299,7 +299,7 @@ def test_every_problem_is_listed_with_its_line_in_file_order(tmp_path):
         "grid.yaml:3: strategies.s.lrr: unknown key; did you mean 'lr'? allowed keys: backbone, "
         "weights, freeze_backbone, image_size, folds, seed, epochs, patience, batch_size, "
         "optimizer, lr, weight_decay, momentum, augment, dropout, min_accuracy, "
-        "use_feature_cache\n"
+        "use_feature_cache, ensemble, tta\n"
         "grid.yaml:4: strategies.s.augment[1]: expected bool, got int 1; write true or false\n"
         "grid.yaml:5: strategies.s.backbone: unknown backbone 'resnet'; did you mean 'resnet18'? "
         "allowed: efficientnet_lite0, resnet18"

@@ -45,6 +45,7 @@ from imgcls.modeling.checkpoint import (
     preprocessing_of,
     read_checkpoint,
 )
+from imgcls.modeling.ensemble import with_tta
 from imgcls.modeling.features import (
     EVAL_BATCH_SIZE,
     cached_features,
@@ -53,6 +54,7 @@ from imgcls.modeling.features import (
     to_model_input,
 )
 from imgcls.modeling.models import Classifier, Preprocessing
+from imgcls.modeling.nested import flipped_features
 
 logger = logging.getLogger(__name__)
 
@@ -304,14 +306,16 @@ class EvaluationSession:
 
         A head-only checkpoint (frozen backbone) is applied to the folder's cached backbone
         features, computed once for every fold and grid point with the same backbone and weights;
-        a full checkpoint runs its own model over the images.
+        a full checkpoint runs its own model over the images. With the strategy's ``tta: flip``
+        the probabilities average each image and its mirror, as the refit model's do.
         """
         payload = read_checkpoint(path)
+        tta = self.params.get("tta", "none")
         if not payload.get("head_only"):
-            model = model_from_checkpoint(payload)
+            model = with_tta(model_from_checkpoint(payload), tta)
             prep = preprocessing_of(payload)
             return predict_folder(model, prep, result.folder, result.data_md5, self.device)
-        features, _ = cached_features(
+        spec = (
             result.folder,
             payload["backbone"],
             payload["backbone_weights"],
@@ -319,12 +323,23 @@ class EvaluationSession:
             result.data_md5,
             pick_device(self.device),
         )
+        views = [cached_features(*spec)[0]] + ([flipped_features(*spec)] if tta == "flip" else [])
+        head = head_from_checkpoint(payload)
         with torch.inference_mode():
-            logits = head_from_checkpoint(payload)(torch.from_numpy(features))
-        return torch.softmax(logits.float(), dim=1).numpy()
+            probs = [torch.softmax(head(torch.from_numpy(v)).float(), dim=1) for v in views]
+        return (sum(probs) / len(probs)).numpy()
 
     def fold_models_on(self, result: EvaluationResult) -> pd.DataFrame:
-        """Score every fold model on the same folder; log mean and std; return a table."""
+        """Score every fold model on the same folder; log mean and std; return a table.
+
+        The last row is the strategy's model (``result``'s): the refit, or for ``ensemble: folds``
+        the average of the fold models above it.
+        """
+        served = (
+            "refit (all training data)"
+            if self.params.get("ensemble", "none") == "none"
+            else "ensemble (mean of the fold models)"
+        )
         rows = []
         for path in sorted(self.checkpoint_dir.glob("fold*.pt")):
             probs = self.fold_probabilities(path, result)
@@ -339,14 +354,14 @@ class EvaluationSession:
             )
         rows.append(
             {
-                "model": "refit (all training data)",
+                "model": served,
                 "accuracy": result.scores["accuracy"],
                 "log_loss": result.scores["log_loss"],
                 "roc_auc": result.scores["roc_auc"],
             }
         )
         table = pd.DataFrame(rows).set_index("model")
-        folds = table.drop(index="refit (all training data)")
+        folds = table.drop(index=served)
         if len(folds):
             prefix = metric_prefix(result.name)
             tracking.log_batch(

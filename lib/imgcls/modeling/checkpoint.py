@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from imgcls.modeling.ensemble import EnsembleClassifier, ensemble_from_payload
 from imgcls.modeling.models import Classifier, Preprocessing, build_classifier, build_head
 
 
 def save_checkpoint(
     path: str | Path,
-    model: Classifier,
+    model: Classifier | EnsembleClassifier,
     classes: list[str],
     preprocessing: Preprocessing,
     backbone: str,
@@ -30,10 +31,13 @@ def save_checkpoint(
 
     With ``head_only_with_weights`` (the backbone's weights spec, e.g. ``imagenet``) only the head
     is stored: right for a frozen backbone, which is rebuilt from those weights when loading.
+    An :class:`~imgcls.modeling.ensemble.EnsembleClassifier` (``tta``/``ensemble`` strategies)
+    also stores its ``ensemble`` spec; its heads are the ``heads.*`` tensors.
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    heads = "heads." if isinstance(model, EnsembleClassifier) else "head."
     if head_only_with_weights:
-        state = {k: v for k, v in state.items() if k.startswith("head.")}
+        state = {k: v for k, v in state.items() if k.startswith(heads)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -47,6 +51,8 @@ def save_checkpoint(
         "dropout": float(dropout),
         "metadata": dict(metadata or {}),
     }
+    if isinstance(model, EnsembleClassifier):
+        payload["ensemble"] = model.spec()
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
@@ -72,8 +78,13 @@ def preprocessing_of(payload: dict) -> Preprocessing:
     return Preprocessing(int(prep["image_size"]), tuple(prep["mean"]), tuple(prep["std"]))
 
 
-def model_from_checkpoint(payload: dict) -> Classifier:
-    """Build a checkpoint's full classifier (backbone rebuilt from its weights when head-only)."""
+def model_from_checkpoint(payload: dict) -> Classifier | EnsembleClassifier:
+    """Build a checkpoint's full classifier (backbone rebuilt from its weights when head-only).
+
+    A payload with an ``ensemble`` spec gives an :class:`~imgcls.modeling.ensemble.EnsembleClassifier`.
+    """
+    if payload.get("ensemble"):
+        return ensemble_from_payload(payload)
     model, _ = build_classifier(
         payload["backbone"],
         payload.get("backbone_weights") or "none",
@@ -100,7 +111,9 @@ def head_from_checkpoint(payload: dict) -> nn.Sequential:
     return head.eval()
 
 
-def load_checkpoint(path: str | Path) -> tuple[Classifier, list[str], Preprocessing, dict]:
+def load_checkpoint(
+    path: str | Path,
+) -> tuple[Classifier | EnsembleClassifier, list[str], Preprocessing, dict]:
     """Load a checkpoint safely (``weights_only=True``); return ``(model in eval mode, classes, prep, payload)``."""
     payload = read_checkpoint(path)
     return (

@@ -20,6 +20,7 @@ from imgcls.data import duplicates
 from imgcls.data.folders import ImageFolder
 from imgcls.modeling.features import pick_device
 from imgcls.modeling.models import Classifier, Preprocessing
+from imgcls.modeling.nested import FoldScorer
 from imgcls.modeling.training import FoldResult, TrainingInputs, train_rows
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,17 @@ def cross_validate(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     inputs: TrainingInputs | None = None,
 ) -> CVResult:
-    """Run stratified k-fold CV of ``strategy`` on ``folder``; return every fold's result."""
+    """Run stratified k-fold CV of ``strategy`` on ``folder``; return every fold's result.
+
+    A fold's ``val_loss``/``val_accuracy`` are those of the model the strategy serves
+    (:class:`imgcls.modeling.nested.FoldScorer`): with ``tta: flip`` averaged over each image and
+    its mirror, with ``ensemble: folds`` the nested k x k inner ensemble (its training time is
+    in ``train_seconds``). Raises ConfigError for an ensemble its backbone setting refuses.
+    """
     setup = 0.0
     if inputs is None:
         inputs, setup = prepare_inputs(strategy, folder, data_md5, device, progress)
+    scorer = FoldScorer(strategy, folder, data_md5, inputs)
     assignment = duplicates.split_folds(folder, strategy.folds, strategy.seed)
     results = []
     for fold in range(strategy.folds):
@@ -95,9 +103,13 @@ def cross_validate(
         model, history, best_epoch = train_rows(
             inputs, train_idx, val_idx, strategy.seed + fold, strategy.epochs, fold, on_epoch
         )
-        seconds = time.perf_counter() - start
-        best = history[best_epoch - 1]
         seen = len(train_idx) * len(history)
+        rate = seen / (time.perf_counter() - start)
+        best = dict(history[best_epoch - 1])
+        served = scorer.score(model, train_idx, val_idx)
+        if served is not None:
+            best["val_loss"], best["val_accuracy"] = served
+        seconds = time.perf_counter() - start
         results.append(
             FoldResult(
                 fold=fold,
@@ -107,7 +119,7 @@ def cross_validate(
                 val_accuracy=best["val_accuracy"],
                 val_indices=val_idx.numpy(),
                 train_seconds=seconds,
-                images_per_second=seen / seconds if seconds else float("nan"),
+                images_per_second=rate,
                 state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             )
         )

@@ -7,6 +7,10 @@ base64-encoded image bytes (what JSON requests to a served model carry). The mod
 file: a path string is refused like any other text that is not base64 image bytes, with the same
 message whether or not such a file exists where the model runs. To classify files, read their
 bytes first (:func:`read_file_values`, which the predict CLI uses).
+
+A strategy with ``ensemble: folds`` or ``tta: flip`` serves an
+:class:`~imgcls.modeling.ensemble.EnsembleClassifier` checkpoint: the same code path returns the
+mean probabilities of its fold models and/or of each image and its horizontal mirror.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from imgcls.data.images import ImageReadError, load_rgb
 from imgcls.modeling.checkpoint import load_checkpoint
+from imgcls.modeling.ensemble import EnsembleClassifier
 from imgcls.modeling.features import to_model_input
 from imgcls.modeling.models import Classifier, Preprocessing
 
@@ -76,7 +81,7 @@ def file_value(path: Path) -> str:
 
 @torch.inference_mode()
 def predict_images(
-    model: Classifier,
+    model: Classifier | EnsembleClassifier,
     classes: list[str],
     prep: Preprocessing,
     values: list[Any],
