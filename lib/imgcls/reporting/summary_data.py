@@ -165,15 +165,17 @@ def comparison_run(grid_id: str, experiment_id: str, run_id: str | None) -> Any:
     return found[0] if found else None
 
 
-def _points(text: str | None, signed: bool = True) -> str:
-    """A fraction tag (``'0.0123'``) as accuracy points (``+1.23``); ``n/a`` when NaN/absent."""
+def _points(text: str | None, signed: bool = True, scale: float = 100.0, digits: int = 2) -> str:
+    """A fraction tag (``'0.0123'``) as accuracy points (``+1.23``); ``n/a`` when NaN/absent.
+
+    ``scale`` 1 and ``digits`` 4 show a p-value as it is, to 4 decimals."""
     try:
-        value = float(text)  # type: ignore[arg-type]
+        value = scale * float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return "n/a"
     if not math.isfinite(value):
         return "n/a"
-    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
 def verdict(
@@ -224,7 +226,7 @@ def verdict(
         "level": level,
         "rope": _points(tags.get("promotion_rope"), signed=False),
         "alpha": tags.get("promotion_alpha", "not recorded"),
-        "p_value": tags.get("promotion_p_value", "not recorded"),
+        "p_value": _points(tags.get("promotion_p_value"), signed=False, scale=1.0, digits=4),
         "number_tags": sorted(NUMBER_TAGS),
     }
 

@@ -157,7 +157,7 @@ def _noise_view(grid: GridComparison, alpha: float, alpha_note: str) -> dict[str
         floor["gaps"],
         floor["mdd_points"],
         floor["closer"],
-        "Mean CV accuracy minus the champion's; dashed: smallest detectable difference",
+        "Mean CV accuracy minus the champion's\n(dashed: ± the smallest detectable difference)",
     )
     return {**floor, "image": figure_uri(figure), "alpha_note": alpha_note}
 
