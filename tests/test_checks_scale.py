@@ -152,3 +152,23 @@ def test_an_unchanged_dataset_is_checked_by_stat_alone(image_dataset, isolated_c
     read = count_calls(monkeypatch, folders, "file_md5")
     assert checks() == first
     assert decoded == [] and read == []
+
+
+def test_notebook_01s_exact_duplicate_check_reads_an_unchanged_dataset_once(
+    image_dataset, isolated_cache, monkeypatch
+):
+    """01's byte-identical-copy table uses the same per-file-version md5 records."""
+    from imgcls.data.datacheck import duplicate_groups
+
+    copy = image_dataset / "test" / "forest" / "copy_of_train.jpg"
+    copy.write_bytes((image_dataset / "train" / "forest" / "forest_000.jpg").read_bytes())
+    backdate(image_dataset)
+    splits = [scan_image_folder(image_dataset / s) for s in ("train", "test")]
+    read = count_calls(monkeypatch, folders, "file_md5")
+    groups = duplicate_groups(splits)
+    assert list(groups.values()) == [
+        ["train/forest/forest_000.jpg", "test/forest/copy_of_train.jpg"]
+    ]
+    assert len(read) == sum(len(s.paths) for s in splits)
+    read.clear()
+    assert duplicate_groups(splits) == groups and read == []

@@ -15,7 +15,7 @@ from imgcls.data.folders import (
     check_same_classes,
     data_version,
     expected_data_md5,
-    file_md5,
+    recorded_md5s,
     require_split,
     scan_image_folder,
 )
@@ -129,11 +129,18 @@ def inspect_dataset(data_dir: str | None = None, skip_bad_images: bool = False) 
 
 
 def duplicate_groups(folders: list[ImageFolder]) -> dict[str, list[str]]:
-    """Return ``md5 -> ["<split>/<class>/<file>", ...]`` for contents that occur more than once."""
+    """Return ``md5 -> ["<split>/<class>/<file>", ...]`` for contents that occur more than once.
+
+    md5s come from :func:`imgcls.data.folders.recorded_md5s`: a file unchanged since an earlier
+    call (same size and modification time) is not read again. Raises OSError for a file that
+    cannot be read.
+    """
     groups: dict[str, list[str]] = defaultdict(list)
     for folder in folders:
-        for path in folder.paths:
-            groups[file_md5(path)].append(f"{folder.root.name}/{path.relative_to(folder.root)}")
+        for path, digest in zip(
+            folder.paths, recorded_md5s(folder.root, folder.paths), strict=True
+        ):
+            groups[digest].append(f"{folder.root.name}/{path.relative_to(folder.root)}")
     return {k: v for k, v in groups.items() if len(v) > 1}
 
 
