@@ -208,7 +208,7 @@ def test_verdict_and_ranking_are_the_recorded_numbers(judged):
     verdict = judged["result"]["verdict"]
     assert verdict.verdict.value == "PROMOTE"
     # BETTER - BASE = [3, 3.5, 3, 3, 3.5] points: mean +3.20, as the comparison run recorded it
-    assert '<span class="PROMOTE">PROMOTE</span>: PROMOTE: the challenger is better' in page
+    assert '<span class="PROMOTE">PROMOTE</span>: the challenger is better' in page
     assert "<td>+3.20 accuracy points</td>" in page
     low, high = 100 * verdict.ci_low, 100 * verdict.ci_high
     assert f"<td>[{low:+.2f}, {high:+.2f}] points</td>" in page and "±0.50 points" in page

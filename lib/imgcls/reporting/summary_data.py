@@ -210,7 +210,8 @@ def verdict(
     level = f"{100 * (1 - 2 * alpha):.0f}%" if math.isfinite(alpha) else "unknown"
     return {
         "verdict": tags[TAG_VERDICT],
-        "reason": reason or "not recorded",
+        # the recorded reason starts with the verdict, which the page shows beside it already
+        "reason": reason.removeprefix(f"{tags[TAG_VERDICT]}: ") or "not recorded",
         "source": source,
         "champion": champion,
         "model_name": model_name or "not registered",
