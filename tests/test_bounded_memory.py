@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -206,12 +207,17 @@ def test_a_killed_decode_leaves_no_entry_and_its_partial_file_is_swept_at_once(
 def test_an_unfinished_stream_is_removed_when_its_process_exits(tmp_path):
     child = textwrap.dedent(
         f"""
+        import os
         import sys
         from pathlib import Path
         import numpy as np
         from imgcls.data.arrays import NpyStream
         stream = NpyStream(Path({str(tmp_path / "x.npy")!r}), (4, 3), np.float32)
         stream.write(0, np.ones((2, 3)))
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a forked child's exit leaves its parent's file alone
+        os.waitpid(child, 0)
         print(stream.tmp.exists())
         sys.exit(0)
         """
@@ -235,3 +241,22 @@ def test_a_stream_refuses_rows_that_do_not_fit_and_publishes_what_was_written(tm
     assert _is_read_only_map(published) and published.dtype == np.float32
     assert np.array_equal(np.load(path), np.arange(10, dtype=np.float32).reshape(5, 2))
     assert [p.name for p in tmp_path.iterdir()] == ["f.npy"]
+
+
+def test_predict_folder_streams_the_memory_mapped_images(image_dataset, isolated_cache):
+    from imgcls.evaluation.evaluate import predict_folder
+    from imgcls.modeling.features import to_model_input
+    from imgcls.modeling.models import build_classifier
+
+    folder = scan_image_folder(image_dataset / "train")
+    model, prep = build_classifier("resnet18", "none", 32, 2, 0.0, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. torch's "array is not writable"
+        probs = predict_folder(model, prep, folder, "v-predict", "cpu", batch_size=16)
+    images = torch.from_numpy(_serial(folder, 32))
+    with torch.inference_mode():
+        expected = [
+            torch.softmax(model(to_model_input(images[i : i + 16], prep, CPU)).float(), dim=1)
+            for i in range(0, len(images), 16)
+        ]
+    assert np.array_equal(probs, torch.cat(expected).numpy())

@@ -69,6 +69,10 @@ def _remove_unfinished() -> None:
         _OPEN.clear()
 
 
+# A forked child (multiprocessing's fork start method) must not remove its parent's files at exit.
+os.register_at_fork(after_in_child=_OPEN.clear)
+
+
 class NpyStream:
     """A ``.npy`` file at ``path`` of ``shape`` and ``dtype``, written in row blocks by any thread.
 

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from imgcls import tracking
 from imgcls.core import names
 from imgcls.data import duplicates
+from imgcls.data.arrays import take_rows
 from imgcls.data.cache import decoded_images
 from imgcls.data.folders import (
     DataError,
@@ -132,13 +133,17 @@ def predict_folder(
     device: str | None = None,
     batch_size: int = EVAL_BATCH_SIZE,
 ) -> np.ndarray:
-    """Return softmax probabilities ``[N, C]`` of ``model`` over a folder (decoded-image cache)."""
+    """Return softmax probabilities ``[N, C]`` of ``model`` over a folder (decoded-image cache).
+
+    The cache is memory-mapped and read ``batch_size`` rows at a time (``take_rows``).
+    """
     dev = pick_device(device)
     model = model.eval().to(dev, memory_format=torch.channels_last)
     images = decoded_images(folder, prep.image_size, data_md5)
     out = []
     for start in range(0, len(images), batch_size):
-        batch = to_model_input(torch.from_numpy(images[start : start + batch_size]), prep, dev)
+        rows = take_rows(images, slice(start, start + batch_size))
+        batch = to_model_input(torch.from_numpy(rows), prep, dev)
         out.append(torch.softmax(model(batch).float(), dim=1).cpu())
     return torch.cat(out).numpy()
 
