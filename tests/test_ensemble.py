@@ -225,3 +225,24 @@ def test_new_fields_default_to_none_and_change_the_run_key(tmp_path):
     assert {"ensemble", "tta"} <= set(a.params())  # logged as params, hashed into the run key
     keys = {run_key(s, "data", "code") for s in (a, b_none, b_flip)}
     assert len(keys) == 3
+
+
+def test_grad_cam_of_a_tta_model_shows_the_unflipped_image():
+    """The mirror passes the backbone first, so Grad-CAM's hook (Captum keeps a layer's last
+    activation) explains the image itself: its map matches the plain model's, not the mirror's."""
+    from imgcls.evaluation.explain import gradcam_maps
+    from imgcls.modeling.ensemble import EnsembleClassifier
+    from imgcls.modeling.models import build_classifier
+
+    model, prep = build_classifier("efficientnet_lite0", "imagenet", 128, 2, 0.0, 0)
+    images = np.random.default_rng(1).integers(0, 40, (2, 128, 128, 3), dtype=np.uint8)
+    images[:, 30:90, 8:50] += 200  # a bright patch on the left only
+
+    def cam(tta: str) -> np.ndarray:
+        ensemble = EnsembleClassifier(model.backbone, [model.head], tta)
+        return gradcam_maps(ensemble, images, prep, "efficientnet_lite0", [0, 0])
+
+    flip, plain = cam("flip"), cam("none")
+    same = np.corrcoef(flip.ravel(), plain.ravel())[0, 1]
+    mirrored = np.corrcoef(flip.ravel(), plain[..., ::-1].ravel())[0, 1]
+    assert same > 0.9 and same > mirrored + 0.2, (same, mirrored)

@@ -53,9 +53,11 @@ class EnsembleClassifier(nn.Module):
 
         The mean is over every head and view of ``softmax(head(backbone(view)))`` in float32,
         clamped at float32's smallest normal number before the log (a softmax of the output
-        gives the mean back to float32 rounding).
+        gives the mean back to float32 rounding). The mirror goes through the backbone first and
+        the image itself last, so a layer hook that keeps the last activation (Captum's Grad-CAM
+        in :mod:`imgcls.evaluation.explain`) sees the unflipped image.
         """
-        views = (images, images.flip(-1)) if self.tta == "flip" else (images,)
+        views = (images.flip(-1), images) if self.tta == "flip" else (images,)
         total = None
         for view in views:
             features = self.backbone(view)
@@ -64,6 +66,12 @@ class EnsembleClassifier(nn.Module):
                 total = probs if total is None else total + probs
         mean = total / (len(views) * len(self.heads))
         return torch.log(mean.clamp_min(torch.finfo(torch.float32).tiny))
+
+    @property
+    def head(self) -> nn.Module:
+        """The first member's head (dropout + linear ``F -> C``): every head has the same shape,
+        so code that reads a classifier's ``head`` for its class count works unchanged."""
+        return self.heads[0]
 
     def spec(self) -> dict:
         """Return what rebuilds the structure: ``members`` (heads), ``tta``, ``num_features``."""
