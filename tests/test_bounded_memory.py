@@ -260,3 +260,20 @@ def test_predict_folder_streams_the_memory_mapped_images(image_dataset, isolated
             for i in range(0, len(images), 16)
         ]
     assert np.array_equal(probs, torch.cat(expected).numpy())
+
+
+def test_a_head_scores_memory_mapped_features_a_block_at_a_time(tmp_path):
+    from imgcls.modeling.features import head_probabilities
+
+    rng = np.random.default_rng(0)
+    with NpyStream(tmp_path / "f.npy", (2500, 16), np.float32) as stream:
+        stream.write(0, rng.normal(size=(2500, 16)))
+        features = stream.publish()
+    head = torch.nn.Linear(16, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch warns on a read-only whole array
+        probs = head_probabilities(head, features)
+    with torch.inference_mode():
+        whole = torch.softmax(head(torch.from_numpy(np.array(features))), dim=1)
+    assert probs.shape == (2500, 3)
+    torch.testing.assert_close(probs, whole, rtol=0, atol=1e-6)

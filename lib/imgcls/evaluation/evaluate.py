@@ -50,6 +50,7 @@ from imgcls.modeling.ensemble import with_tta
 from imgcls.modeling.features import (
     EVAL_BATCH_SIZE,
     cached_features,
+    head_probabilities,
     pick_device,
     set_threads,
     to_model_input,
@@ -331,7 +332,7 @@ class EvaluationSession:
         views = [cached_features(*spec)[0]] + ([flipped_features(*spec)] if tta == "flip" else [])
         head = head_from_checkpoint(payload)
         with torch.inference_mode():
-            probs = [torch.softmax(head(torch.from_numpy(v)).float(), dim=1) for v in views]
+            probs = [head_probabilities(head, v) for v in views]  # streamed from the cache
         return (sum(probs) / len(probs)).numpy()
 
     def fold_models_on(self, result: EvaluationResult) -> pd.DataFrame:

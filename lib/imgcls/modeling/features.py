@@ -198,6 +198,24 @@ def embed_images(
     return np.concatenate([block for _, block in blocks])
 
 
+@torch.inference_mode()
+def head_probabilities(
+    head: nn.Module, features: np.ndarray, batch_size: int = 1024
+) -> torch.Tensor:
+    """Return float32 softmax probabilities ``[N, C]`` (CPU) of ``head`` over features ``[N, F]``.
+
+    The features (a memory-mapped cache or any array) are read ``batch_size`` rows at a time
+    (:func:`~imgcls.data.arrays.take_rows`); 1024 rows as in training's validation pass
+    (:func:`imgcls.modeling.training.predict_rows`).
+    """
+    head.eval()
+    out = []
+    for start in range(0, len(features), batch_size):
+        rows = torch.from_numpy(take_rows(features, slice(start, start + batch_size)))
+        out.append(torch.softmax(head(rows).float(), dim=1))
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
 def cached_features(
     folder: ImageFolder,
     backbone_name: str,
