@@ -187,7 +187,7 @@ def take_rows(array: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
     about one batch. The copy is C-contiguous and writable, whatever ``array`` is.
     """
     if isinstance(rows, slice):
-        batch = np.array(array[rows], copy=True)
+        batch = np.array(array[rows], copy=True, order="C")
     else:
         batch = array[np.asarray(rows, dtype=np.int64)]  # integer indexing always copies
     release(array)
