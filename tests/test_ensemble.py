@@ -67,8 +67,8 @@ def test_ensemble_checkpoint_predicts_the_mean_of_its_fold_heads_on_both_views(d
     served = predict_images(loaded, classes, prep, values)
     test_md5 = data_version(data / "test")
     views = [
-        torch.from_numpy(cached_features(test, "resnet18", "none", 32, test_md5)[0]),
-        torch.from_numpy(flipped_features(test, "resnet18", "none", 32, test_md5)),
+        torch.from_numpy(np.array(cached_features(test, "resnet18", "none", 32, test_md5)[0])),
+        torch.from_numpy(np.array(flipped_features(test, "resnet18", "none", 32, test_md5))),
     ]
     heads = []
     for fold in cv.folds:
@@ -164,8 +164,8 @@ def test_cv_scores_the_served_model_and_keeps_the_same_fold_models(data):
     for a, b, c in zip(plain.folds, flip.folds, ens.folds, strict=True):
         for key, tensor in a.state_dict.items():  # the same fold models, scored differently
             assert torch.equal(tensor, b.state_dict[key]) and torch.equal(tensor, c.state_dict[key])
-    features = torch.from_numpy(cached_features(folder, "resnet18", "none", 32, md5)[0])
-    mirrored = torch.from_numpy(flipped_features(folder, "resnet18", "none", 32, md5))
+    features = torch.from_numpy(np.array(cached_features(folder, "resnet18", "none", 32, md5)[0]))
+    mirrored = torch.from_numpy(np.array(flipped_features(folder, "resnet18", "none", 32, md5)))
     labels = torch.from_numpy(folder.labels)
     inputs, _ = prepare_inputs(Strategy(**TINY), folder, md5)
     for fold in flip.folds:

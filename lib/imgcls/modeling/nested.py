@@ -52,7 +52,8 @@ def flipped_features(
     The images are the decoded-image cache's uint8 ``[N, 3, S, S]`` (resized and centre-cropped
     exactly as for training) flipped along the width axis, so the row ``i`` is the mirror of what
     :func:`imgcls.modeling.features.cached_features` embeds in row ``i``. Cached under the same key
-    plus ``view: hflip`` (one backbone pass per data version, backbone, weights and size). Raises
+    plus ``view: hflip`` (one backbone pass per data version, backbone, weights and size) and
+    returned as the cache returns it (read-only, memory-mapped: read it with ``take_rows``). Raises
     :class:`imgcls.data.images.ImageReadError` naming an unreadable file.
     """
     target = pick_device(str(device) if device else None)
@@ -75,24 +76,26 @@ def flipped_features(
         return embed_images(backbone, images, prep, target)
 
     features, _ = cached_array("features", key, build)
-    return np.array(features, dtype=np.float32)  # a writable copy, whatever the cache returns
+    return features
 
 
 def flipped_inputs(inputs: TrainingInputs, folder: ImageFolder, data_md5: str) -> TrainingInputs:
     """Return a shallow copy of ``inputs`` whose rows are the horizontal mirrors of its rows.
 
-    On cached features: :func:`flipped_features`; on images: the uint8 ``[N, 3, S, S]`` array
-    flipped along its last (width) axis, a copy of the same size.
+    On cached features: :func:`flipped_features`; on images: a view of the uint8
+    ``[N, 3, S, S]`` array reversed along its last (width) axis (no copy: a memory-mapped cache
+    stays mapped, and :meth:`~imgcls.modeling.training.TrainingInputs.batch` copies only a batch).
     """
     twin = copy.copy(inputs)
     if inputs.use_features:
         s = inputs.strategy
-        array = flipped_features(
+        twin.inputs = flipped_features(
             folder, s.backbone, s.weights, s.image_size, data_md5, inputs.device
         )
-        twin.inputs = torch.from_numpy(array)
+    elif isinstance(inputs.inputs, torch.Tensor):
+        twin.inputs = torch.flip(inputs.inputs, dims=[-1])
     else:
-        twin.inputs = torch.flip(torch.as_tensor(inputs.inputs), dims=[-1])
+        twin.inputs = inputs.inputs[..., ::-1]
     return twin
 
 
