@@ -29,10 +29,19 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_shipped_grid_has_five_strategies_and_seven_points():
+def test_shipped_grid_has_six_strategies_and_eight_points():
     grid = load_grid(paths.REPO_ROOT / "strategies.yaml")
-    assert grid.names() == ["baseline", "longer", "learning_rate", "finetune", "batch_size"]
-    assert len(grid.strategies) == 7
+    assert grid.names() == [
+        "baseline",
+        "longer",
+        "learning_rate",
+        "finetune",
+        "batch_size",
+        "ensemble_tta",
+    ]
+    assert len(grid.strategies) == 8
+    ensemble = grid.strategies[-1]
+    assert (ensemble.ensemble, ensemble.tta, ensemble.freeze_backbone) == ("folds", "flip", True)
     baseline = grid.strategies[0]
     assert (baseline.freeze_backbone, baseline.epochs, baseline.lr, baseline.batch_size) == (
         True,
