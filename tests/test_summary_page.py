@@ -330,3 +330,12 @@ def test_index_links_the_summary_once_it_is_written(tmp_path):
     assert 'href="summary.html"' not in write_index(plan, done, done, reports).read_text()
     (reports / "summary.html").write_text("<html></html>")
     assert 'href="summary.html"' in write_index(plan, done, done, reports).read_text()
+
+
+def test_a_first_champion_shows_its_reason_not_empty_numbers(judged, tmp_path):
+    page = write_summary(tmp_path / "g0", "summary", "g0", model_name="m").read_text()
+    headline = page.split('<div class="headline">', 1)[1].split("</div>", 1)[0]
+    assert '<span class="PROMOTE">PROMOTE</span>,\nno previous champion.' in headline
+    assert "n/a" not in headline
+    verdict = page.split('<h2 id="verdict">', 1)[1].split("<h2", 1)[0]
+    assert "<td>version none</td>" in verdict and "<td>n/a accuracy points</td>" in verdict
