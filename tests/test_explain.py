@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imgcls.data.folders import scan_image_folder
-from imgcls.evaluation.evaluate import EvaluationResult
+from imgcls.data.folders import data_version, scan_image_folder
+from imgcls.evaluation.evaluate import EvaluationResult, predict_folder
 from imgcls.evaluation.explain import (
     TARGET_LAYERS,
     ExplainError,
@@ -152,11 +152,16 @@ def test_bad_inputs_are_refused_with_what_to_give(random_models):
         gradcam_maps(model, images, prep, "resnet18", targets=[0, 2])
 
 
-def test_explain_hardest_explains_the_gallery_images_in_order(random_models, tmp_path):
+def test_explain_hardest_explains_the_gallery_images_in_order(
+    random_models, tmp_path, isolated_cache
+):
+    """As in 03: the model first predicts the folder (under inference mode), then is explained."""
     folder = scan_image_folder(write_dataset(tmp_path / "test", {"forest": 4, "sea": 4}, seed=5))
-    model, prep = random_models["resnet18"], preprocessing_for("resnet18", 32)
-    probabilities = np.random.default_rng(3).dirichlet([1, 1], size=len(folder))
-    result = EvaluationResult("test", folder, probabilities, {}, "md5")
+    model, prep = copy.deepcopy(random_models["resnet18"]), preprocessing_for("resnet18", 32)
+    md5 = data_version(folder.root)
+    probabilities = predict_folder(model, prep, folder, md5, "cpu")
+    assert any(p.is_inference() for p in model.parameters())  # what predict_folder leaves
+    result = EvaluationResult("test", folder, probabilities, {}, md5)
 
     explained = explain_hardest(model, prep, "resnet18", result, limit=5)
 

@@ -12,8 +12,9 @@ head reads. There Grad-CAM equals the class activation map of Zhou et al. (CVPR 
 positive factor, so the map shows what the head's decision is made of.
 
 Gradients are taken with respect to that layer's activations, not the parameters, so the maps
-work for a frozen backbone (``requires_grad=False`` everywhere) too; no parameter gradient is
-accumulated and the model's modes and flags are as they were afterwards.
+work for a frozen backbone (``requires_grad=False`` everywhere) too. The model runs on detached
+copies of its weights (it may hold inference tensors after ``predict_folder``): no gradient is
+written to it, and its weights, flags and train/eval modes are as they were afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
+from torch.func import functional_call
 
 from imgcls.data.images import load_rgb
 from imgcls.evaluation.evaluate import EvaluationResult
@@ -73,18 +75,24 @@ def target_layer(model: Classifier, backbone: str) -> nn.Module:
         ) from exc
 
 
-def _unchanged(model: nn.Module):
-    """Snapshot every module's train/eval mode and every parameter's requires_grad flag."""
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+def _detached_forward(model: nn.Module):
+    """Return ``images -> logits`` of ``model`` run on plain copies of its weights and buffers.
 
-    def restore() -> None:
-        for module, training in modes:
-            module.training = training
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+    The copies never require gradients, so no ``.grad`` is written and ``requires_grad`` flags
+    are never touched. Copies are needed, not just convenient: a model that ran under
+    ``torch.inference_mode`` after ``.to(memory_format=...)`` (as ``predict_folder`` does) holds
+    inference tensors, which autograd refuses to save for backward. Forward hooks on the model's
+    modules (Captum's) still fire.
+    """
+    tensors = {
+        name: tensor.detach().clone()
+        for name, tensor in (*model.named_parameters(), *model.named_buffers())
+    }
 
-    return restore
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, tensors, (images,))
+
+    return forward
 
 
 def gradcam_maps(
@@ -124,18 +132,18 @@ def gradcam_maps(
             raise ExplainError(f"targets must be class indices 0..{classes - 1}, got {targets}")
     parameter = next(model.parameters(), None)
     dev = parameter.device if parameter is not None else torch.device("cpu")
-    restore = _unchanged(model)
+    modes = [(module, module.training) for module in model.modules()]
     maps = np.zeros((count, size, size), dtype=np.float32)
     try:
         model.eval()
-        cam = LayerGradCam(model, layer)
+        forward = _detached_forward(model)
+        cam = LayerGradCam(forward, layer)
         for start in range(0, count, batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
             batch = to_model_input(chunk.permute(0, 3, 1, 2), prep, dev)
-            with torch.no_grad():
-                logits = model(batch)
             if targets is None:
-                chosen = logits.argmax(1)
+                with torch.no_grad():
+                    chosen = forward(batch).argmax(1)
             else:
                 chosen = torch.from_numpy(targets[start : start + batch_size]).to(dev)
             with torch.enable_grad():
@@ -146,7 +154,8 @@ def gradcam_maps(
             scale = np.where(peak > 0, peak, 1.0)[:, None, None]
             maps[start : start + len(fine)] = fine / scale
     finally:
-        restore()
+        for module, training in modes:
+            module.training = training
     return maps
 
 
