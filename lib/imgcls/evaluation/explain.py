@@ -113,8 +113,9 @@ def gradcam_maps(
     and 0 no positive evidence (an all-zero map when nothing supports the class).
 
     The model runs in eval mode (no dropout, BatchNorm running statistics) on the device of its
-    parameters (a CPU works: about 0.1 s per 160-px image for either backbone), and is left as it
-    was: modes, ``requires_grad`` flags, weights and buffers; no ``.grad`` is written.
+    parameters (a CPU works: 12 images of 160 px took 3.6 s with efficientnet_lite0 on 2 busy
+    cores), and is left as it was: modes, ``requires_grad`` flags, weights and buffers; no
+    ``.grad`` is written.
     Raises :class:`ExplainError` for a wrong image shape, a target count that differs from the
     image count, a target outside the classes, or an unknown backbone.
     """

@@ -84,7 +84,7 @@ def gradcam_overlays(
     columns = max(1, min(columns, count))
     rows = math.ceil(count / columns)
     fig, axes = plt.subplots(
-        rows, columns, figsize=(2.6 * columns + 1.0, 3.0 * rows + 0.6), squeeze=False
+        rows, columns, figsize=(2.6 * columns + 1.0, 3.3 * rows + 0.6), squeeze=False
     )
     flat = axes.ravel()
     for index, ax in enumerate(flat):
