@@ -41,7 +41,12 @@ def experiment(store: Path, request: pytest.FixtureRequest) -> str:
 
 
 def _log_point(
-    experiment: str, grid_id: str, point: str, folds: list[float], fold_assignment: str | None
+    experiment: str,
+    grid_id: str,
+    point: str,
+    folds: list[float],
+    fold_assignment: str | None,
+    run_key: str | None = None,
 ) -> None:
     """Log one finished grid-point run the way the training session does."""
     tags = {
@@ -49,6 +54,7 @@ def _log_point(
         tracking.TAG_GRID_ID: grid_id,
         tracking.TAG_GRID_POINT: point,
         tracking.TAG_STRATEGY: point,
+        tracking.TAG_RUN_KEY: run_key or f"{grid_id}-{point}",
     }
     # no mlflow.set_experiment: it would leave a process-wide active experiment for later tests
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
@@ -118,3 +124,20 @@ def test_a_champion_without_a_fold_assignment_is_paired_with_nothing(experiment:
         "not comparable: the champion's run has no params.fold_assignment"
     )
     assert grid.table()["p_value_vs_best"].isna().all()
+
+
+def test_a_point_reused_from_an_earlier_grid_is_compared_in_the_new_one(experiment: str) -> None:
+    """Second run of a grid after one strategy changed: the unchanged points are skipped (their
+    runs keep the first grid's id), yet the new grid compares all of them."""
+    _log_point(experiment, "grid1", "baseline", OTHER_FOLDS, "f", "key-baseline")
+    _log_point(experiment, "grid1", "lr", CHAMPION_FOLDS, "f", "key-lr-1e-4")
+    _log_point(experiment, "grid1", "augment", OTHER_FOLDS, "f", "key-augment")
+    _log_point(experiment, "grid2", "lr", OTHER_FOLDS, "f", "key-lr-1e-3")  # the changed one
+    keys = ["key-baseline", "key-lr-1e-3", "key-augment"]
+    grid = GridComparison.load(experiment, "grid2", run_keys=keys)
+    assert sorted(grid.runs.index) == ["augment", "baseline", "lr"]
+    assert grid.runs.loc["lr", f"tags.{tracking.TAG_RUN_KEY}"] == "key-lr-1e-3"
+    # by grid id alone (04 opened by hand) only the point that ran in grid 2
+    assert list(GridComparison.load(experiment, "grid2").runs.index) == ["lr"]
+    with pytest.raises(tracking.TrackingError, match="no finished grid-point runs"):
+        GridComparison.load(experiment, "grid3", run_keys=["key-never-ran"])

@@ -8,6 +8,7 @@ call is one grid's notebook 04. The plan test builds a real plan on a tiny gener
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from pathlib import Path
@@ -232,6 +233,11 @@ def test_plan_retrains_a_champion_of_another_data_version_as_the_incumbent_point
     assert point.tags["incumbent_version"] == "1"
     expected = logged.model_copy(update={"name": INCUMBENT_POINT, "folds": 2, "seed": 7})
     assert point.strategy.params() == expected.params()  # its strategy, this grid's folds
+    # the grid 04 compares: every point's run key, the incumbent's included, also under --only
+    assert plan.member_keys == tuple(p.key for p in plan.points)
+    only = build_plan(dataclasses.replace(options, only=["b"]))
+    assert [p.strategy.name for p in only.points] == ["b", INCUMBENT_POINT]
+    assert only.member_keys == plan.member_keys and only.grid_id == plan.grid_id
     print_plan(plan)
     out = capsys.readouterr().out
     assert "incumbent: version 1 of tiny-model re-trained on this grid's folds" in out

@@ -80,6 +80,9 @@ class Plan:
     points: list[GridPoint]
     model_name: str | None = None  # the registered model name; None with --no-register
     incumbent: IncumbentPlan | None = None  # the registry's champion, reused or re-trained
+    # the run key of every point of the whole grid (also under --only) and of the incumbent: the
+    # grid that 04 compares, whichever grid first ran a reused point
+    member_keys: tuple[str, ...] = ()
 
 
 def _load_grid(path: Path, only: list[str] | None = None) -> Grid:
@@ -135,7 +138,8 @@ def build_plan(options: RunnerOptions) -> Plan:
         )
     tracking.check_reachable(uri)
     experiment_id = tracking.get_experiment_id(options.experiment)
-    grid_id = stable_hash(sorted(run_key(s, md5, code) for s in full_grid.strategies), 10)
+    member_keys = [run_key(s, md5, code) for s in full_grid.strategies]
+    grid_id = stable_hash(sorted(member_keys), 10)
     points = []
     for strategy in grid.strategies:
         key = run_key(strategy, md5, code)
@@ -149,7 +153,19 @@ def build_plan(options: RunnerOptions) -> Plan:
         existing = None if options.force else tracking.find_completed_run(experiment_id, key)
         action = "skip" if existing else "run"
         points.append(GridPoint(incumbent.strategy, key, action, existing, tags=incumbent.tags()))
-    return Plan(grid, grid_id, md5, code, uri, experiment_id, points, model_name, incumbent)
+        member_keys.append(key)
+    return Plan(
+        grid,
+        grid_id,
+        md5,
+        code,
+        uri,
+        experiment_id,
+        points,
+        model_name,
+        incumbent,
+        tuple(member_keys),
+    )
 
 
 def print_plan(plan: Plan) -> None:

@@ -157,6 +157,7 @@ def _compare_parameters(plan: Plan, options: RunnerOptions) -> dict[str, Any]:
     """The parameters of notebook 04, except ``comparison_run_id`` (its run, made when it runs)."""
     return {
         "grid_id": plan.grid_id,
+        "grid_run_keys": list(plan.member_keys),
         "experiment_name": options.experiment,
         "tracking_uri": plan.tracking_uri,
         "model_name": plan.model_name,
@@ -242,6 +243,7 @@ def _execute_plan(plan: Plan, options: RunnerOptions, start: float) -> int:
         model_name=plan.model_name,
         comparison_run_id=compare.get("run_id"),
         grid_points=[point.strategy.run_name for point in plan.points],
+        run_keys=plan.member_keys,
         tracking_uri=plan.tracking_uri,
     )
     log(f"one-file summary (self-contained, to send): {summary}")

@@ -81,7 +81,9 @@ def check_gate(plan: Plan, options: RunnerOptions) -> int:
     """
     from imgcls.selection.comparison import GridComparison
 
-    comparison = GridComparison.load(options.experiment, plan.grid_id, plan.tracking_uri)
+    comparison = GridComparison.load(
+        options.experiment, plan.grid_id, plan.tracking_uri, plan.member_keys
+    )
     champion = comparison.champion()
     row = comparison.runs.loc[champion]
     message = row.get("tags.quality_gate_message") or "no quality gate result"

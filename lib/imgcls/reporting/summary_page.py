@@ -241,6 +241,7 @@ def write_summary(
     comparison_run_id: str | None = None,
     grid_points: Sequence[str] = (),
     tracking_uri: str | None = None,
+    run_keys: Sequence[str] | None = None,
 ) -> Path:
     """Write ``<reports>/summary.html`` for grid ``grid_id`` and return its path.
 
@@ -249,12 +250,14 @@ def write_summary(
     registered, so no verdict from the registry and no model card). ``comparison_run_id``:
     04's run holding this grid's verdict (None: the newest such run of the grid).
     ``grid_points``: every grid point of the plan, so that failed ones are linked too (finished
-    ones are added from MLflow). Every section that cannot be built says why on the page; the
+    ones are added from MLflow). ``run_keys``: the plan's run keys, so that points reused from
+    an earlier grid are shown (:meth:`GridComparison.load`). Every section that cannot be built says why on the page; the
     page itself is always written. Raises OSError when ``reports`` cannot be written.
     """
     reports.mkdir(parents=True, exist_ok=True)
     loaded = _section(
-        "grid", lambda: {"grid": GridComparison.load(experiment_name, grid_id, tracking_uri)}
+        "grid",
+        lambda: {"grid": GridComparison.load(experiment_name, grid_id, tracking_uri, run_keys)},
     )
     grid: GridComparison | None = loaded.get("grid")
     points = list(dict.fromkeys([*grid_points, *(grid.runs.index if grid is not None else [])]))

@@ -10,6 +10,7 @@ judged against the registry's incumbent (:mod:`imgcls.selection.verdict`): the a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +61,17 @@ class GridComparison:
         experiment_name: str = tracking.DEFAULT_EXPERIMENT,
         grid_id: str | None = None,
         tracking_uri: str | None = None,
+        run_keys: Sequence[str] | None = None,
     ) -> GridComparison:
-        """Load the latest finished run of every grid point of ``grid_id`` (default: newest grid)."""
+        """Load the latest finished run of every grid point of ``grid_id`` (default: newest grid).
+
+        With ``run_keys`` (the runner's plan: every grid point's run key, see
+        :func:`imgcls.pipeline.plan.run_key`), the grid is exactly the newest finished run of
+        each key, whichever grid first ran it: a point reused from an earlier grid (same
+        strategy, data and code) carries that grid's id tag but belongs to this one too. Without,
+        the grid is every finished run tagged ``grid_id`` (04 opened by hand). Raises
+        tracking.TrackingError when the experiment or every run is missing.
+        """
         tracking.configure(tracking_uri)
         experiment = MlflowClient().get_experiment_by_name(experiment_name)
         if experiment is None:
@@ -80,12 +90,25 @@ class GridComparison:
                     "run run_experiments.py or notebooks 02 and 03 first"
                 )
             grid_id = newest[f"tags.{tracking.TAG_GRID_ID}"].iloc[0]
-        frame = mlflow.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"{base} and tags.{tracking.TAG_GRID_ID} = '{grid_id}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=5000,
-        )
+        if run_keys is None:
+            frame = mlflow.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"{base} and tags.{tracking.TAG_GRID_ID} = '{grid_id}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=5000,
+            )
+        else:
+            found = [
+                mlflow.search_runs(
+                    [experiment.experiment_id],
+                    filter_string=f"{base} and tags.{tracking.TAG_RUN_KEY} = '{key}'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1,
+                )
+                for key in dict.fromkeys(run_keys)
+            ]
+            found = [f for f in found if not f.empty]
+            frame = pd.concat(found, ignore_index=True) if found else pd.DataFrame()
         if frame.empty:
             raise tracking.TrackingError(
                 f"grid {grid_id}: no finished grid-point runs in experiment {experiment_name!r} "
