@@ -18,15 +18,17 @@ Checkpoints (:mod:`imgcls.modeling.checkpoint`) store its full state dict and
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from imgcls.core.config import Strategy
-from imgcls.data.folders import ImageFolder
 from imgcls.modeling.models import Classifier, build_backbone, build_head, freeze_backbone
-from imgcls.modeling.nested import Views, loss_and_accuracy
-from imgcls.modeling.training import FoldResult, TrainingInputs
+
+if TYPE_CHECKING:  # training-side types: the served model imports none of their modules
+    from imgcls.core.config import Strategy
+    from imgcls.data.folders import ImageFolder
+    from imgcls.modeling.training import FoldResult, TrainingInputs
 
 TTA_VIEWS = ("none", "flip")
 
@@ -111,6 +113,9 @@ def fold_ensemble(
             "ensemble 'folds' averages heads on one frozen backbone; set freeze_backbone: true "
             "and use_feature_cache: true"
         )
+    # training-only (folds, near-duplicate groups): kept out of the served model's imports
+    from imgcls.modeling.nested import Views, loss_and_accuracy
+
     start = time.perf_counter()
     heads = []
     for fold in folds:
