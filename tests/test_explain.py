@@ -23,10 +23,12 @@ from imgcls.evaluation.explain import (
     gradcam_maps,
     target_layer,
 )
+from imgcls.modeling.ensemble import EnsembleClassifier
 from imgcls.modeling.features import to_model_input
 from imgcls.modeling.models import (
     BACKBONE_BUILDERS,
     build_classifier,
+    build_head,
     freeze_backbone,
     preprocessing_for,
 )
@@ -129,6 +131,22 @@ def test_both_backbones_give_input_sized_maps_and_leave_the_model_unchanged(
     assert all(p.grad is None for p in model.parameters())
     # eval mode inside (dropout 0.5 is off): the same maps again, as from an eval-mode model
     np.testing.assert_allclose(gradcam_maps(model.eval(), images, prep, backbone), maps, atol=1e-5)
+
+
+def test_an_ensemble_with_flip_tta_is_explained_like_a_single_model(random_models):
+    """``ensemble: folds`` + ``tta: flip``: one backbone, several heads, image and mirror."""
+    single = random_models["resnet18"]
+    heads = [build_head(512, 2, 0.5, seed) for seed in range(3)]
+    model = EnsembleClassifier(copy.deepcopy(single.backbone), heads, tta="flip").eval()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    images = np.random.default_rng(6).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+
+    maps = gradcam_maps(model, images, preprocessing_for("resnet18", 64), "resnet18")
+
+    assert maps.shape == (2, 64, 64) and maps.min() >= 0 and maps.max() <= 1
+    assert maps.reshape(2, -1).max(1).tolist() == pytest.approx([1, 1])
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_target_layer_is_the_last_convolutional_block_of_each_backbone(random_models):

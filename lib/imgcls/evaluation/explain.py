@@ -30,10 +30,14 @@ from torch.func import functional_call
 
 from imgcls.data.images import load_rgb
 from imgcls.evaluation.evaluate import EvaluationResult
+from imgcls.modeling.ensemble import EnsembleClassifier
 from imgcls.modeling.features import to_model_input
 from imgcls.modeling.models import Classifier, Preprocessing
 
-# Backbone name (as in strategies.yaml) -> the Grad-CAM layer, a module path inside Classifier.
+Model = Classifier | EnsembleClassifier
+
+# Backbone name (as in strategies.yaml) -> the Grad-CAM layer, a module path inside the model
+# (Classifier and EnsembleClassifier both keep theirs under ``backbone``).
 # resnet18 (torchvision): layer4, the last residual stage (512 channels at 1/32 of the input).
 # efficientnet_lite0 (timm tf_efficientnet_lite0): bn2, the conv_head 1x1 convolution
 # (320 -> 1280 channels at 1/32) after its BatchNorm and ReLU6, the last convolutional block.
@@ -52,7 +56,7 @@ class ExplainError(ValueError):
     """A Grad-CAM request that cannot be served (unknown backbone, wrong shapes)."""
 
 
-def target_layer(model: Classifier, backbone: str) -> nn.Module:
+def target_layer(model: Model, backbone: str) -> nn.Module:
     """Return the module of ``model`` whose activations Grad-CAM weighs (:data:`TARGET_LAYERS`).
 
     Raises :class:`ExplainError` for a backbone without an entry (naming the known ones), or
@@ -96,7 +100,7 @@ def _detached_forward(model: nn.Module):
 
 
 def gradcam_maps(
-    model: Classifier,
+    model: Model,
     images: np.ndarray,
     prep: Preprocessing,
     backbone: str,
@@ -115,7 +119,9 @@ def gradcam_maps(
     The model runs in eval mode (no dropout, BatchNorm running statistics) on the device of its
     parameters (a CPU works: 12 images of 160 px took 3.6 s with efficientnet_lite0 on 2 busy
     cores), and is left as it was: modes, ``requires_grad`` flags, weights and buffers; no
-    ``.grad`` is written.
+    ``.grad`` is written. For an :class:`~imgcls.modeling.ensemble.EnsembleClassifier` the class
+    score is its log mean probability over heads (and views); with ``tta: flip`` the backbone runs
+    twice and the map is of the unflipped image's activations (the view it runs last).
     Raises :class:`ExplainError` for a wrong image shape, a target count that differs from the
     image count, a target outside the classes, or an unknown backbone.
     """
@@ -178,7 +184,7 @@ class Explanations:
 
 
 def explain_hardest(
-    model: Classifier,
+    model: Model,
     prep: Preprocessing,
     backbone: str,
     result: EvaluationResult,
