@@ -81,3 +81,24 @@ def test_fresh_kernels_use_papermills_default_engine(monkeypatch):
     assert engine.engine_name() is None
     monkeypatch.setenv("IMGCLS_WARM_KERNEL", "1")
     assert engine.engine_name() == engine.ENGINE_NAME
+
+
+def test_a_kernel_too_busy_to_answer_its_heartbeat_is_not_taken_for_dead(warm):
+    """On a loaded machine a kernel can miss its 1-second heartbeat while it starts; the reset
+    client must wait for it (the process is alive), not fail the notebook with "Kernel died
+    before replying to kernel_info"."""
+    import os
+    import signal
+    import threading
+
+    km = engine.warm_kernel()
+    pid = engine._kernel_process(km).pid
+    os.kill(pid, signal.SIGSTOP)  # the kernel answers nothing (heartbeat included) for 3 s
+    resume = threading.Timer(3.0, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        engine.reset_namespace(km)  # the first reset connects its client and waits for ready
+    finally:
+        resume.join()
+        os.kill(pid, signal.SIGCONT)
+    assert engine._WARM["client"].is_alive()

@@ -97,15 +97,22 @@ def reset_namespace(km: Any) -> None:
 
     One client per warm kernel is kept open (a new one waits ~0.2 s for the kernel to answer). It
     has its own session, so its replies are never routed to papermill's client or vice versa.
+    Its ``parent`` is the kernel manager, so "is the kernel alive?" asks the manager, which
+    polls the kernel process (jupyter_client's ``KernelClient.is_alive``). Without a parent it
+    would judge by heartbeat, which calls a kernel dead after 1 s without a reply
+    (``HBChannel.time_to_dead``): on a loaded machine a starting kernel missed it and the
+    notebook failed with "Kernel died before replying to kernel_info".
 
     Raises:
-        RuntimeError: the kernel did not run the reset.
+        RuntimeError: the kernel did not run the reset, or its process exited.
     """
     from jupyter_client.blocking import BlockingKernelClient
 
     client = _WARM.get("client")
     if client is None:
-        client = BlockingKernelClient(connection_file=km.connection_file)
+        # not km.client(): that shares the manager's session, whose id is the shell socket's
+        # identity, so the kernel would route this client's replies to papermill's client
+        client = BlockingKernelClient(connection_file=km.connection_file, parent=km)
         client.load_connection_file()
         client.start_channels()
         client.wait_for_ready(timeout=120)
