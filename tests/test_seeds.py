@@ -46,6 +46,11 @@ def test_seed_repetitions_refuse_what_has_no_spread(image_dataset, isolated_cach
         seeds.seed_fold_scores(inputs, np.array([0, 1, 0]), [1], 1)
     finetuned = Strategy(weights="none", backbone="resnet18", freeze_backbone=False, **TINY)
     assert not seeds.can_repeat_cheaply(prepare_inputs(finetuned, folder, "md5")[0])
+    # an ensemble's or a mirrored score is not one plain head's: its repeats would measure
+    # another model, so those keep the fold spread
+    for other in ({"ensemble": "folds"}, {"tta": "flip"}):
+        strategy = Strategy(weights="none", backbone="resnet18", **TINY, **other)
+        assert not seeds.can_repeat_cheaply(prepare_inputs(strategy, folder, "md5")[0])
 
 
 def test_02_logs_the_repetitions_and_04_uses_them_as_the_noise_floor(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -22,7 +23,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import imagehash
 import PIL
 from PIL import Image
 
@@ -80,7 +80,7 @@ def _reader_identity() -> str:
     return (
         f"pillow {PIL.__version__}; rules {images.READER_RULES}; "
         f"bomb limit {Image.MAX_IMAGE_PIXELS}; draft {images._VALIDATION_DRAFT}; "
-        f"imagehash {imagehash.__version__} phash {HASH_SIZE}"
+        f"imagehash {importlib.metadata.version('ImageHash')} phash {HASH_SIZE}"
     )
 
 
@@ -89,7 +89,11 @@ def phash_of(img: Image.Image) -> int:
 
     ``imagehash.phash(hash_size=8)``: grayscale, LANCZOS resize to 32x32, 2-D DCT, the 8x8
     lowest frequencies compared with their median (see :mod:`imgcls.data.duplicates`).
+    ImageHash (and its SciPy/PyWavelets imports) loads on first use: the served model imports
+    this module through the decoded-image cache but never hashes.
     """
+    import imagehash
+
     return int(str(imagehash.phash(img, hash_size=HASH_SIZE)), 16)
 
 

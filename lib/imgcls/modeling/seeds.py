@@ -44,8 +44,15 @@ def repetition_seeds(seed: int, repetitions: int = SEED_REPETITIONS) -> list[int
 
 
 def can_repeat_cheaply(inputs: TrainingInputs) -> bool:
-    """Return True when a repeat trains heads on cached features only (a frozen backbone)."""
-    return bool(inputs.use_features)
+    """Return True when a repeat trains heads on cached features only and scores them plainly.
+
+    False for fine-tuned backbones (a repeat is a full CV) and for ``ensemble`` or ``tta``
+    strategies, whose fold score is not one plain head's (nested CV, mirrored views): a repeat
+    of :func:`seed_fold_scores` would measure another model's noise. Those use the fold spread.
+    """
+    strategy = inputs.strategy
+    plain = strategy.ensemble == "none" and strategy.tta == "none"
+    return bool(inputs.use_features) and plain
 
 
 def seed_fold_scores(
