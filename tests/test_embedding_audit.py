@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from imgcls.data import duplicates
-from imgcls.data.folders import data_version, scan_image_folder
+from imgcls.data.folders import scan_image_folder
 from imgcls.evaluation.embedding_audit import (
     COSINE_THRESHOLD,
     EMBEDDING_PAIR_COLUMNS,
@@ -93,7 +93,6 @@ def test_edited_copies_missed_by_phash_are_found_by_the_embedding(scenes):
         "efficientnet_lite0",
         "imagenet",
         SIZE,
-        data_version(scenes),
         device="cpu",
         threshold=TEST_THRESHOLD,
     )
@@ -107,7 +106,7 @@ def test_edited_copies_missed_by_phash_are_found_by_the_embedding(scenes):
     assert (table["cosine"] >= TEST_THRESHOLD).all() and table["cosine"].is_monotonic_decreasing
     # at the shipped threshold no pair of distinct scenes is flagged either
     strict = embedding_near_copies(
-        train, test, "efficientnet_lite0", "imagenet", SIZE, data_version(scenes), device="cpu"
+        train, test, "efficientnet_lite0", "imagenet", SIZE, device="cpu"
     )
     assert set(strict["path_b"]) <= {"train/a/edited.jpg", "test/a/edited.jpg"}
 
@@ -122,3 +121,29 @@ def test_cosine_pairs_within_and_across():
     assert COSINE_THRESHOLD > TEST_THRESHOLD
     with pytest.raises(ValueError, match="feature widths differ: 2 and 3"):
         cosine_pairs(a, np.zeros((1, 3)))
+
+
+def test_notebook_01_gets_the_grids_first_frozen_backbone():
+    """The runner's 01 parameters name the first frozen strategy with cached features, or None."""
+    from types import SimpleNamespace
+
+    from imgcls.core.config import Strategy
+    from imgcls.pipeline.notebooks import check_parameters
+    from imgcls.pipeline.plan import GridPoint, RunnerOptions
+    from imgcls.pipeline.runner import _data_parameters
+
+    tuned = Strategy(name="tuned", backbone="resnet18", freeze_backbone=False)
+    uncached = Strategy(name="uncached", use_feature_cache=False)
+    frozen = Strategy(name="frozen", image_size=128)
+    options = RunnerOptions(grid=Path("grid.yaml"), device="cpu")
+    plan = SimpleNamespace(points=[GridPoint(s, s.name) for s in (tuned, uncached, frozen)])
+    parameters = _data_parameters(plan, options)
+    assert parameters["embedding_backbone"] == {
+        "backbone": "efficientnet_lite0",
+        "weights": "imagenet",
+        "image_size": 128,
+    }
+    assert parameters["device"] == "cpu"
+    check_parameters("01_data", parameters)  # the notebook declares every name the runner sets
+    plan.points = plan.points[:2]
+    assert _data_parameters(plan, options)["embedding_backbone"] is None

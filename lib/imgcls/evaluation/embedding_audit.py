@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from imgcls.data import duplicates
-from imgcls.data.folders import ImageFolder
+from imgcls.data.folders import ImageFolder, data_version
 from imgcls.modeling.features import cached_features
 
 COSINE_THRESHOLD = 0.935  # see the module docstring for the calibration
@@ -94,15 +94,16 @@ def embedding_near_copies(
     backbone: str,
     weights: str,
     image_size: int,
-    data_md5: str,
     device: str | None = None,
     threshold: float = COSINE_THRESHOLD,
 ) -> pd.DataFrame:
     """Return the pairs within train and across train/test that only the embedding finds.
 
     Features: :func:`imgcls.modeling.features.cached_features` of each split for the frozen
-    ``backbone`` (``weights``, ``image_size`` px, ``data_md5`` the data version; ``device`` None
-    picks CUDA when available, as training does, so the cache entry is the one training uses).
+    ``backbone`` (``weights``, ``image_size`` px), keyed as the grid keys them, so these are the
+    cache entries it uses: the training split under the dataset's version (``data_version`` of
+    ``train.root.parent``, as notebook 02) and the test split under its own (as notebook 03);
+    ``device`` None picks CUDA when available, as training does.
     A pair is listed when its cosine is >= ``threshold`` and the mirror-aware pHash
     (:func:`imgcls.data.duplicates.group_ids` over both splits) did not put it in one
     near-duplicate group. One row per pair, most similar first: ``kind`` ("within train" or
@@ -112,8 +113,9 @@ def embedding_near_copies(
     """
     target = torch.device(device) if device else None
     spec: dict[str, Any] = {"backbone_name": backbone, "weights": weights, "image_size": image_size}
-    train_features, _ = cached_features(train, data_md5=data_md5, device=target, **spec)
-    test_features, _ = cached_features(test, data_md5=data_md5, device=target, **spec)
+    train_md5, test_md5 = data_version(train.root.parent), data_version(test.root)
+    train_features, _ = cached_features(train, data_md5=train_md5, device=target, **spec)
+    test_features, _ = cached_features(test, data_md5=test_md5, device=target, **spec)
     hashes = np.concatenate([duplicates.folder_hashes(train), duplicates.folder_hashes(test)])
     groups = duplicates.group_ids(hashes)
     names = [f"{train.root.name}/{rel}" for rel in train.relpaths()]
