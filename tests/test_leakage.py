@@ -21,6 +21,7 @@ from imgcls.data.duplicates import (
     fold_groups,
     folder_hashes,
     group_ids,
+    hash_distance,
     near_duplicates,
     near_pairs,
     test_images_with_train_copies,
@@ -62,7 +63,11 @@ PLANTED = {
     "train/sea/copy_cropped.jpg": "train/sea/sea_001.jpg",  # 2 px cut off the left edge
     "train/sea/copy_sideways.jpg": "train/sea/sea_002.jpg",  # stored rotated, EXIF Orientation 6
     "test/sea/copy_from_train.jpg": "train/sea/sea_003.jpg",  # a training photo in the test set
+    "train/forest/copy_mirrored.jpg": "train/forest/forest_002.jpg",  # flipped left-right
+    # flipped left-right, resized to 0.7x and re-encoded at quality 60, in the test set
+    "test/forest/copy_mirrored_small.jpg": "train/forest/forest_003.jpg",
 }
+MIRRORED = ("train/forest/copy_mirrored.jpg", "test/forest/copy_mirrored_small.jpg")
 
 
 def _plant(root: Path) -> None:
@@ -88,11 +93,17 @@ def _plant(root: Path) -> None:
     original("test/sea/copy_from_train.jpg").save(
         target("test/sea/copy_from_train.jpg"), quality=75
     )
+    flip = Image.Transpose.FLIP_LEFT_RIGHT
+    mirrored = original("train/forest/copy_mirrored.jpg").transpose(flip)
+    mirrored.save(target("train/forest/copy_mirrored.jpg"), quality=90)
+    mirrored = original("test/forest/copy_mirrored_small.jpg").transpose(flip)
+    small = mirrored.resize((round(SIZE * 0.7),) * 2, Image.Resampling.BICUBIC)
+    small.save(target("test/forest/copy_mirrored_small.jpg"), quality=60)
 
 
 @pytest.fixture()
 def leaky_data(tmp_path: Path, isolated_cache: Path) -> Path:
-    """train: 10 + 10 photos and 5 planted near-copies; test: 4 + 4 photos and 1 train copy."""
+    """train: 10 + 10 photos and 6 planted near-copies; test: 4 + 4 photos and 2 train copies."""
     root = tmp_path / "data"
     write_photos(root / "train", {"forest": 10, "sea": 10}, seed=1)
     write_photos(root / "test", {"forest": 4, "sea": 4}, seed=2)
@@ -118,16 +129,34 @@ def test_planted_copies_are_grouped_with_their_originals_and_nothing_else(leaky_
         assert group["path"].iloc[0] < group["path"].iloc[1] or group["split"].iloc[1] == "test"
         assert 0 <= group["distance"].iloc[1] <= MAX_DISTANCE
     across = table[table["split"] == "test"]
-    assert across["path"].tolist() == ["test/sea/copy_from_train.jpg"]
+    assert sorted(across["path"]) == [
+        "test/forest/copy_mirrored_small.jpg",
+        "test/sea/copy_from_train.jpg",
+    ]
 
 
 def test_generated_photos_are_far_apart_under_phash(leaky_data):
     train = scan_image_folder(leaky_data / "train")
     originals = [i for i, rel in enumerate(train.relpaths()) if "copy_" not in rel]
     hashes = folder_hashes(train)[originals]
-    distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :]).astype(int)
+    distance = hash_distance(hashes[:, None], hashes[None, :])  # mirror images included
     np.fill_diagonal(distance, 64)
     assert distance.min() > 2 * MAX_DISTANCE  # a margin, not a near miss
+
+
+def test_mirrored_copies_are_near_only_through_the_mirror_hash(leaky_data):
+    """Plain pHash puts a mirrored copy far away; the rule compares with the mirror image too."""
+    for copy in MIRRORED:
+        pair = np.stack([duplicates.image_phash(leaky_data / copy)])
+        original = np.stack([duplicates.image_phash(leaky_data / PLANTED[copy])])
+        assert np.bitwise_count(pair[0, 0] ^ original[0, 0]) > 2 * MAX_DISTANCE, copy
+        assert hash_distance(pair, original)[0] <= MAX_DISTANCE // 2, copy
+        assert hash_distance(original, pair)[0] == hash_distance(pair, original)[0]  # symmetric
+        # a plain hash (h, h) has no mirror: the same photo pair is not near
+        plain = np.array([[pair[0, 0], pair[0, 0]]], dtype=np.uint64)
+        assert hash_distance(plain, original[:, [0, 0]])[0] > 2 * MAX_DISTANCE
+    with pytest.raises(ValueError, match=r"pairs of shape \[\.\.\., 2\].*\(3,\)"):
+        hash_distance(np.zeros(3, np.uint64), np.zeros((3, 2), np.uint64))
 
 
 @pytest.mark.parametrize("folds", [2, 3, 4])
@@ -139,7 +168,9 @@ def test_every_near_duplicate_group_lands_in_one_fold(leaky_data, folds):
     """
     train = scan_image_folder(leaky_data / "train")
     groups = fold_groups(train)
-    assert np.bincount(groups).max() == 2 and (np.bincount(groups) == 2).sum() == 5
+    assert np.bincount(groups).max() == 2 and (np.bincount(groups) == 2).sum() == 6
+    mirrored = train.paths.index(leaky_data / MIRRORED[0])
+    assert groups[mirrored] == groups[train.paths.index(leaky_data / PLANTED[MIRRORED[0]])]
     split_without_groups = 0
     for seed in (0, 1, 7, 42):
         assignment = assign_folds(train.labels, folds, seed, groups=groups)
@@ -161,19 +192,23 @@ def test_test_copy_of_a_training_photo_is_reported_as_leaked(leaky_data):
     train = scan_image_folder(leaky_data / "train")
     test = scan_image_folder(leaky_data / "test")
     assert test_images_with_train_copies(train, test) == {
-        leaky_data / "test/sea/copy_from_train.jpg"
+        leaky_data / "test/sea/copy_from_train.jpg",
+        leaky_data / "test/forest/copy_mirrored_small.jpg",  # mirrored, resized and re-encoded
     }
     report = inspect_dataset(str(leaky_data))
     findings = report.findings()
     across = findings[findings["kind"] == "near-duplicate across splits"]
-    assert across["path"].tolist() == ["train/sea/sea_003.jpg, test/sea/copy_from_train.jpg"]
-    assert (findings["kind"] == "near-duplicate within split").sum() == 5
+    assert sorted(across["path"]) == [
+        "train/forest/forest_003.jpg, test/forest/copy_mirrored_small.jpg",
+        "train/sea/sea_003.jpg, test/sea/copy_from_train.jpg",
+    ]
+    assert (findings["kind"] == "near-duplicate within split").sum() == 6
     summary = report.leakage_summary()["value"].to_dict()
     assert summary == {
-        "near-duplicate groups within train": 5,
-        "train images in those groups": 10,
-        "test images with a near-copy in train": 1,
-        "test images": 9,
+        "near-duplicate groups within train": 6,
+        "train images in those groups": 12,
+        "test images with a near-copy in train": 2,
+        "test images": 10,
     }
     table = fold_balance(report.train, 3, seed=42)  # 01's fold table: the grouped assignment
     assignment = assign_folds(report.train.labels, 3, 42, groups=fold_groups(report.train))
@@ -203,8 +238,8 @@ def test_hashes_are_recorded_per_file_version(leaky_data):
     os.utime(target, ns=(PAST_NS, PAST_NS))
     again = folder_hashes(train)
     index = train.paths.index(target)
-    assert again[index] != first[index]  # size changed: hashed again
-    assert again[index] == first[train.paths.index(replacement)]
+    assert not np.array_equal(again[index], first[index])  # size changed: hashed again
+    assert np.array_equal(again[index], first[train.paths.index(replacement)])
     fresh = scan_image_folder(leaky_data / "train")
     assert np.array_equal(folder_hashes(fresh), again)
 
@@ -245,3 +280,25 @@ def test_shipped_data_audit(real_data):
         frozenset({"train/forest/20916.jpg", "train/forest/22917.jpg"})  # re-encoded, md5 differs
     }
     assert test_images_with_train_copies(train, test) == set()
+
+
+def test_a_record_from_before_the_mirror_hash_is_not_reused(leaky_data):
+    """A format-1 record (no ``mirror`` hashes, older reader identity) is hashed again, not misread."""
+    import json
+
+    from imgcls.data import validation
+
+    train = scan_image_folder(leaky_data / "train")
+    pairs = folder_hashes(train)
+    record = validation.validation_record_file(train.root)
+    document = json.loads(record.read_text())
+    assert document["reader"].endswith(f"record {validation.RECORD_FORMAT}")
+    old = dict(document, reader=document["reader"].rsplit("; record", 1)[0])
+    del old["mirror"]
+    record.write_text(json.dumps(old))
+    assert validation.load_checked(train.root) == {}  # another reader: not reused
+    del document["mirror"]  # the current identity but no mirror hashes: unreadable, not half-read
+    record.write_text(json.dumps(document))
+    assert validation.load_checked(train.root) == {}
+    assert np.array_equal(folder_hashes(train), pairs)
+    assert set(json.loads(record.read_text())["mirror"]) == set(train.relpaths())

@@ -58,7 +58,7 @@ class DatasetReport:
 
         Exact duplicates are found by md5 of the bytes; near-duplicates (resized, re-encoded,
         brightened or slightly cropped copies) by :func:`imgcls.data.duplicates.near_duplicates`
-        (pHash within 8 of 64 bits), one row per group: within one split (kept in one fold by
+        (pHash within 8 of 64 bits, a mirrored copy included), one row per group: within one split (kept in one fold by
         cross-validation), across splits (a test image with a near-copy in training), and with
         conflicting labels (the same photo under two classes).
         """

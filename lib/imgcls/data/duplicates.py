@@ -1,7 +1,7 @@
 """Leakage audit: near-duplicate images within and across splits, by perceptual hash.
 
-A near-duplicate is a resized, re-encoded, slightly brightened or slightly cropped copy of a
-photo. Scored as validation or test data it measures memory, not generalisation, so:
+A near-duplicate is a resized, re-encoded, slightly brightened, slightly cropped or left-right
+mirrored copy of a photo. Scored as validation or test data it measures memory, not generalisation, so:
 
 - :func:`fold_groups` gives every training image the id of its near-duplicate group, and
   :func:`imgcls.data.folders.assign_folds` keeps each group inside one fold;
@@ -17,11 +17,22 @@ within 8 bits, pHash one). Images are read by the project's one reader, in the d
 validates them (:func:`imgcls.data.images.read_for_checks`: EXIF orientation applied, JPEGs
 drafted to >= 64 px, the same image as ``read_image(path, target_size=32)``).
 
-**Threshold.** Two images are near-duplicates when their hashes differ in at most
+**Mirrors.** A mirrored copy differs from its photo in about half of the pHash bits (22-40 of 64,
+median 32, between each shipped photo and its own mirror image), so every file also records the
+pHash of its left-right mirror image (:func:`imgcls.data.validation.phash_pair`, from the same
+decode: one more 32x32 DCT). The one rule, :func:`hash_distance`, used by every caller here:
+``min(d(a, b), d(a, mirror(b)), d(mirror(a), b))`` (the third term makes it symmetric: pHash is
+not exactly flip-equivariant, as the median of the flipped DCT coefficients changes).
+
+**Threshold.** Two images are near-duplicates when their :func:`hash_distance` is at most
 :data:`MAX_DISTANCE` = 8 of 64 bits (Hamming distance). The planted copies of
 ``tests/test_leakage.py`` (0.6x resize, JPEG quality 40, +15 % brightness, 4-px crop) move the
 hash by 0-6 bits; on the shipped data (984 photos) the only pair within 8 bits is a re-encoded
-copy at distance 2 and the next-closest distinct photos are 10 bits apart.
+copy at distance 2 and the next-closest distinct photos are 10 bits apart. Counting mirrors adds
+no pair within 8 bits on the shipped data; the closest mirror-only pair, 10 bits, is a forest
+photo and a sea photo, and the eleven pairs within 12 bits (five of them mirror-only) are all
+distinct photos (checked by eye). A planted mirrored copy (also resized to 0.7x and re-encoded
+at JPEG quality 60) is 0-2 bits from its photo (32 bits by plain pHash).
 
 **Groups** are the connected components of the graph "distance <= threshold" (single linkage,
 scipy's ``connected_components``), numbered by their first member, so the same hashes always give
@@ -51,10 +62,11 @@ MAX_DISTANCE = 8  # Hamming distance (bits of 64) at or below which two images a
 NEAR_DUPLICATE_COLUMNS = ["group", "split", "path", "class", "distance"]
 
 
-def image_phash(path: Path) -> int:
-    """Return the 64-bit pHash of one image file as a Python int (bit 63 = first DCT bit).
+def image_phash(path: Path) -> tuple[int, int]:
+    """Return the 64-bit pHashes of one image file and of its mirror image, as Python ints.
 
-    Decoded as validation decodes it (:func:`imgcls.data.images.read_for_checks`, the same image
+    :func:`imgcls.data.validation.phash_pair` (bit 63 = first DCT bit). Decoded as validation
+    decodes it (:func:`imgcls.data.images.read_for_checks`, the same image
     as ``read_image(path, target_size=32)``), hashed with ``imagehash.phash(hash_size=8)``; not
     recorded. Raises :class:`imgcls.data.images.ImageReadError` naming the file when it cannot
     be read.
@@ -75,7 +87,10 @@ def hash_record_file(folder: Path) -> Path:
 
 
 def folder_hashes(folder: ImageFolder) -> np.ndarray:
-    """Return the pHash (uint64, shape [N]) of each of the N images of ``folder``, in order.
+    """Return the pHash pairs (uint64, shape [N, 2]) of the N images of ``folder``, in order.
+
+    Column 0 is each image's pHash, column 1 that of its left-right mirror image
+    (:func:`imgcls.data.validation.phash_pair`); compare them with :func:`hash_distance`.
 
     Files whose (relative path, size, mtime) match the validation record (usually written by
     the scan that listed them) are not read again; the others are validated and hashed in one
@@ -84,7 +99,44 @@ def folder_hashes(folder: ImageFolder) -> np.ndarray:
     :class:`imgcls.data.images.ImageReadError` naming a file that cannot be read.
     """
     values = validation.recorded_hashes(Path(folder.root), list(folder.paths))
-    return np.array(values, dtype=np.uint64)
+    return np.array(values, dtype=np.uint64).reshape(-1, 2)
+
+
+def hash_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the near-duplicate distance (int64, bits) between hashes ``a`` and ``b``: the rule.
+
+    ``a`` and ``b`` are uint64 pHash pairs of shape ``[..., 2]`` (column 0 the image, column 1 its
+    mirror image, as :func:`folder_hashes` gives them), broadcast against each other; the result
+    has their broadcast shape without the last axis and is
+    ``min(d(a, b), d(a, mirror(b)), d(mirror(a), b))``, ``d`` the Hamming distance (popcount of
+    the XOR). A hash pair ``(h, h)`` (see :func:`as_pairs`) compares as the plain hash ``h``.
+    Raises ValueError naming the shapes when either last axis is not 2.
+    """
+    a, b = np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)
+    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != 2 or b.shape[-1] != 2:
+        raise ValueError(
+            f"hash_distance needs pHash pairs of shape [..., 2] (image, mirror image), got "
+            f"shapes {a.shape} and {b.shape}; use folder_hashes() or as_pairs()"
+        )
+    plain = np.bitwise_count(a[..., 0] ^ b[..., 0])
+    mirrored = np.minimum(
+        np.bitwise_count(a[..., 0] ^ b[..., 1]), np.bitwise_count(a[..., 1] ^ b[..., 0])
+    )
+    return np.minimum(plain, mirrored).astype(np.int64)
+
+
+def as_pairs(hashes: np.ndarray) -> np.ndarray:
+    """Return uint64 pHash pairs ``[N, 2]`` from pairs ``[N, 2]`` or plain hashes ``[N]``.
+
+    A plain hash ``h`` becomes ``(h, h)``, for which :func:`hash_distance` is the plain Hamming
+    distance (no mirror known). Raises ValueError naming the shape for any other shape.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if hashes.ndim == 1:
+        return np.stack([hashes, hashes], axis=1)
+    if hashes.ndim == 2 and hashes.shape[1] == 2:
+        return hashes
+    raise ValueError(f"expected pHashes of shape [N] or pairs [N, 2], got shape {hashes.shape}")
 
 
 def near_pairs(
@@ -92,14 +144,15 @@ def near_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(i, j, distance)`` (int64, each [P]) of every pair i < j within ``max_distance``.
 
-    ``hashes`` is uint64 [N]; distance is the Hamming distance in bits (popcount of the XOR).
-    Compared ``block`` rows at a time, so memory stays O(block * N). Sorted by (i, j).
+    ``hashes`` is uint64 pHash pairs [N, 2] (:func:`folder_hashes`) or plain hashes [N]
+    (:func:`as_pairs`); distance is :func:`hash_distance` in bits. Compared ``block`` rows at a
+    time, so memory stays O(block * N). Sorted by (i, j).
     """
-    hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1)
+    hashes = as_pairs(hashes)
     found_i, found_j, found_d = [], [], []
-    for start in range(0, hashes.size, block):
+    for start in range(0, len(hashes), block):
         rows = hashes[start : start + block]
-        distance = np.bitwise_count(rows[:, None] ^ hashes[None, :]).astype(np.int64)
+        distance = hash_distance(rows[:, None], hashes[None, :])
         i, j = np.nonzero(distance <= max_distance)
         i = i + start
         keep = j > i
@@ -113,16 +166,17 @@ def near_pairs(
 
 
 def group_ids(hashes: np.ndarray, max_distance: int = MAX_DISTANCE) -> np.ndarray:
-    """Return the near-duplicate group (int64, shape [N]) of each of N hashes (uint64 [N]).
+    """Return the near-duplicate group (int64, shape [N]) of each of N hashes.
 
-    Groups are the connected components of "Hamming distance <= ``max_distance``" (scipy's
+    ``hashes``: uint64 pHash pairs [N, 2] or plain hashes [N] (as :func:`near_pairs`). Groups
+    are the connected components of ":func:`hash_distance` <= ``max_distance``" (scipy's
     ``connected_components``); an image with no near-copy is a group of its own. Ids are
     0..G-1 in the order of each group's first member, so they depend only on the hashes.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = int(np.asarray(hashes).size)
+    n = len(as_pairs(hashes))
     i, j, _ = near_pairs(hashes, max_distance)
     graph = coo_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
@@ -164,8 +218,8 @@ def near_duplicates(
     """Return every near-duplicate group of size > 1 within and across the splits.
 
     One row per member: ``group`` (0..G-1), ``split`` (the split folder's name), ``path``
-    (``<split>/<class>/<file>``), ``class`` and ``distance`` (Hamming bits to the group's
-    representative, its first member: train before test, then by path). Folders given as paths
+    (``<split>/<class>/<file>``), ``class`` and ``distance`` (:func:`hash_distance` in bits, so
+    a mirrored copy counts as near, to the group's representative, its first member: train before test, then by path). Folders given as paths
     are scanned (:func:`imgcls.data.folders.scan_image_folder`, which raises DataError).
     """
     folders = [_as_folder(train)] + ([_as_folder(test)] if test is not None else [])
@@ -184,7 +238,7 @@ def near_duplicates(
     for index in np.flatnonzero(keep):
         first.setdefault(int(groups[index]), index)
     representative = np.array([first.get(int(g), i) for i, g in enumerate(groups)])
-    frame["distance"] = np.bitwise_count(hashes ^ hashes[representative]).astype(np.int64)
+    frame["distance"] = hash_distance(hashes, hashes[representative])
     frame = frame[keep].sort_values("group", kind="stable")
     frame["group"] = pd.factorize(frame["group"])[0]
     return frame.reset_index(drop=True)[NEAR_DUPLICATE_COLUMNS]
@@ -197,14 +251,15 @@ def test_images_with_train_copies(
 ) -> set[Path]:
     """Return the paths (as in ``test.paths``) of test images with a near-copy in training.
 
-    A test image counts when it is within ``max_distance`` bits of at least one training image
-    (directly, not through a chain of test images). Folders given as paths are scanned.
+    A test image counts when it is within ``max_distance`` bits (:func:`hash_distance`, so a
+    mirrored copy counts) of at least one training image (directly, not through a chain of test
+    images). Folders given as paths are scanned.
     """
     train, test = _as_folder(train), _as_folder(test)
     train_hashes, test_hashes = folder_hashes(train), folder_hashes(test)
     leaked = set()
     for index, value in enumerate(test_hashes):
-        if np.bitwise_count(train_hashes ^ value).min(initial=64) <= max_distance:
+        if hash_distance(train_hashes, value[None]).min(initial=64) <= max_distance:
             leaked.add(test.paths[index])
     return leaked
 

@@ -4,8 +4,9 @@ A file that read as an image (:func:`imgcls.data.images.read_for_checks`: every 
 entropy-decoded, JPEGs at 1/8 scale) is recorded in ``<cache>/validated/`` under its (relative
 path, size, modification time in ns), the evidence DVC's state database uses too, and is not
 decoded again by later scans (the runner, then notebooks 01, 02 and 03 each scan the data). The
-same decode gives the file's 64-bit perceptual hash (:func:`phash_of`, for the leakage audit of
-:mod:`imgcls.data.duplicates`), stored in the same record, so one pass validates and hashes. A
+same decode gives the file's 64-bit perceptual hash and that of its left-right mirror image
+(:func:`phash_pair`, for the leakage audit of :mod:`imgcls.data.duplicates`), stored in the same
+record, so one pass validates and hashes. A
 changed or added file is validated again; a bad file is never recorded. Used by
 :func:`imgcls.data.folders.scan_image_folder` and :func:`imgcls.data.duplicates.folder_hashes`.
 """
@@ -36,7 +37,9 @@ logger = logging.getLogger(__name__)
 RACY_MTIME_SECONDS = 2.0
 
 FileStamp = tuple[int, int]  # (size in bytes, modification time in ns), symbolic links followed
-Checked = tuple[int, int, int]  # (size in bytes, modification time in ns, 64-bit pHash)
+HashPair = tuple[int, int]  # (64-bit pHash, 64-bit pHash of the left-right mirrored image)
+# (size in bytes, modification time in ns, pHash, pHash of the mirror image)
+Checked = tuple[int, int, int, int]
 
 HASH_SIZE = 8  # imagehash.phash(hash_size=8): 8x8 DCT coefficients -> 64 bits
 # imagehash.phash resizes to hash_size * highfreq_factor (4) = 32 px; the validation decode keeps
@@ -44,6 +47,9 @@ HASH_SIZE = 8  # imagehash.phash(hash_size=8): 8x8 DCT coefficients -> 64 bits
 # still averages over several source pixels and the hash equals that of
 # read_image(path, target_size=HASH_READ_SIZE).
 HASH_READ_SIZE = 4 * HASH_SIZE
+# Part of the reader identity: version 2 records also hold the mirror image's pHash ("mirror"),
+# so a record written before it (no "mirror") is not reused: its files are hashed again.
+RECORD_FORMAT = 2
 
 
 def _file_stamp(path: Path) -> FileStamp | None:
@@ -80,51 +86,65 @@ def _reader_identity() -> str:
     return (
         f"pillow {PIL.__version__}; rules {images.READER_RULES}; "
         f"bomb limit {Image.MAX_IMAGE_PIXELS}; draft {images._VALIDATION_DRAFT}; "
-        f"imagehash {importlib.metadata.version('ImageHash')} phash {HASH_SIZE}"
+        f"imagehash {importlib.metadata.version('ImageHash')} phash {HASH_SIZE}; "
+        f"record {RECORD_FORMAT}"
     )
 
 
-def phash_of(img: Image.Image) -> int:
-    """Return the 64-bit pHash of an RGB image as a Python int (bit 63 = first DCT bit).
+def phash_pair(img: Image.Image) -> HashPair:
+    """Return the 64-bit pHashes of an RGB image and of its left-right mirror, as Python ints.
 
-    ``imagehash.phash(hash_size=8)``: grayscale, LANCZOS resize to 32x32, 2-D DCT, the 8x8
-    lowest frequencies compared with their median (see :mod:`imgcls.data.duplicates`).
+    ``imagehash.phash(hash_size=8)`` (bit 63 = first DCT bit): grayscale, LANCZOS resize to
+    32x32, 2-D DCT, the 8x8 lowest frequencies compared with their median (see
+    :mod:`imgcls.data.duplicates`). The grayscale 32x32 image is made once, as ImageHash makes it
+    (``convert("L").resize((32, 32), LANCZOS)``; given that image, ImageHash's own convert and
+    resize return a copy, so the first hash is exactly ``imagehash.phash(img)``), and the mirror
+    hash is the pHash of that small image flipped left-right: one more 32x32 DCT, no second
+    decode or resize. A mirrored copy of a photo differs from it in about half of its pHash bits
+    (odd horizontal DCT frequencies change sign), so without the mirror hash it is not found.
     ImageHash (and its SciPy/PyWavelets imports) loads on first use: the served model imports
     this module through the decoded-image cache but never hashes.
     """
     import imagehash
 
-    return int(str(imagehash.phash(img, hash_size=HASH_SIZE)), 16)
+    side = HASH_SIZE * 4  # imagehash.phash's highfreq_factor = 4
+    small = img.convert("L").resize((side, side), Image.Resampling.LANCZOS)
+    mirror = small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return (
+        int(str(imagehash.phash(small, hash_size=HASH_SIZE)), 16),
+        int(str(imagehash.phash(mirror, hash_size=HASH_SIZE)), 16),
+    )
 
 
-def check_and_hash(path: Path) -> tuple[str | None, int | None]:
-    """Decode ``path`` once (:func:`imgcls.data.images.read_for_checks`); return (reason, pHash).
+def check_and_hash(path: Path) -> tuple[str | None, HashPair | None]:
+    """Decode ``path`` once (:func:`imgcls.data.images.read_for_checks`); return (reason, hashes).
 
-    ``(None, hash)`` for a readable image, ``(reason, None)`` (one phrase naming the problem)
-    for a file that cannot be used as an image.
+    ``(None, (pHash, mirror pHash))`` (:func:`phash_pair`) for a readable image,
+    ``(reason, None)`` (one phrase naming the problem) for a file that cannot be used as an image.
     """
     try:
         img = images.read_for_checks(path)
     except images.ImageReadError as exc:
         return exc.reason, None
-    return None, phash_of(img)
+    return None, phash_pair(img)
 
 
 def load_checked(folder: Path) -> dict[str, Checked]:
-    """Return ``relative path -> (size, mtime_ns, phash)`` of the files of ``folder`` checked before.
+    """Return ``relative path -> (size, mtime_ns, phash, mirror phash)`` of files checked before.
 
     Empty when nothing was recorded, the record is unreadable, or it was made by another reader
     (Pillow version, :data:`imgcls.data.images.READER_RULES`, decompression-bomb limit, the
-    validation draft size, ImageHash version).
+    validation draft size, ImageHash version, :data:`RECORD_FORMAT`: a record from before the
+    mirror hash is not reused, and one that lacks a file's mirror hash is unreadable).
     """
     record = validation_record_file(folder)
     try:
         document = json.loads(record.read_text())
         if document.get("reader") != _reader_identity():
             return {}
-        hashes = document["phash"]
+        hashes, mirrors = document["phash"], document["mirror"]
         return {
-            rel: (int(size), int(mtime), int(hashes[rel], 16))
+            rel: (int(size), int(mtime), int(hashes[rel], 16), int(mirrors[rel], 16))
             for rel, (size, mtime) in document["files"].items()
         }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -136,14 +156,14 @@ def load_validated(folder: Path) -> dict[str, FileStamp]:
 
     The stamps of :func:`load_checked` (empty for a missing, unreadable or foreign record).
     """
-    return {rel: (size, mtime) for rel, (size, mtime, _) in load_checked(folder).items()}
+    return {rel: (size, mtime) for rel, (size, mtime, _, _) in load_checked(folder).items()}
 
 
 def save_checked(folder: Path, files: dict[str, Checked]) -> None:
-    """Record ``relative path -> (size, mtime_ns, phash)`` as the checked files of ``folder``.
+    """Record ``relative path -> (size, mtime_ns, phash, mirror phash)`` for ``folder``.
 
-    One JSON document: ``files`` maps each path to ``[size, mtime_ns]``, ``phash`` to its hash
-    as 16 hex digits. Written by :func:`write_record` (atomic; the last concurrent writer wins;
+    One JSON document: ``files`` maps each path to ``[size, mtime_ns]``, ``phash`` and
+    ``mirror`` to its hash and its mirror image's hash as 16 hex digits. Written by :func:`write_record` (atomic; the last concurrent writer wins;
     an unwritable cache folder only means the files are checked again next time).
     """
     record = validation_record_file(folder)
@@ -151,8 +171,9 @@ def save_checked(folder: Path, files: dict[str, Checked]) -> None:
     document = {
         "folder": str(Path(folder).resolve()),
         "reader": _reader_identity(),
-        "files": {rel: [size, mtime] for rel, (size, mtime, _) in ordered},
-        "phash": {rel: f"{value:016x}" for rel, (_, _, value) in ordered},
+        "files": {rel: [size, mtime] for rel, (size, mtime, _, _) in ordered},
+        "phash": {rel: f"{value:016x}" for rel, (_, _, value, _) in ordered},
+        "mirror": {rel: f"{value:016x}" for rel, (_, _, _, value) in ordered},
     }
     write_record(record, document)
 
@@ -188,7 +209,7 @@ def _remove_orphan_records(records: Path) -> None:
                 record.unlink()
 
 
-def _check_all(files: list[Path]) -> list[tuple[str | None, int | None]]:
+def _check_all(files: list[Path]) -> list[tuple[str | None, HashPair | None]]:
     """Validate and hash ``files`` on every usable core (Pillow decodes without the GIL), in order."""
     workers = min(images.usable_cores(), len(files))
     if workers <= 1:
@@ -199,11 +220,11 @@ def _check_all(files: list[Path]) -> list[tuple[str | None, int | None]]:
 
 def _check_new(
     folder: Path, candidates: list[Path], keep_others: bool
-) -> tuple[dict[Path, str], dict[Path, int]]:
+) -> tuple[dict[Path, str], dict[Path, HashPair]]:
     """Check the candidates not recorded; record the good ones; return (bad, hashes).
 
-    ``bad`` maps each unusable file to its reason, ``hashes`` each good file to its pHash (from
-    the record or from this decode). Good files modified more than :data:`RACY_MTIME_SECONDS`
+    ``bad`` maps each unusable file to its reason, ``hashes`` each good file to its pHash pair
+    (:func:`phash_pair`; from the record or from this decode). Good files modified more than :data:`RACY_MTIME_SECONDS`
     ago are recorded with the stamp taken before decoding (a file rewritten since then has
     another mtime). With ``keep_others`` the record keeps the entries of files that are not
     candidates (a caller that looks at part of the folder); without, it holds the candidates only.
@@ -212,12 +233,12 @@ def _check_new(
     not_before = time.time_ns() - int(RACY_MTIME_SECONDS * 1e9)
     stamps = {path: _file_stamp(path) for path in candidates}
     relpaths = {path: relative_posix(folder, path) for path in candidates}
-    hashes: dict[Path, int] = {}
+    hashes: dict[Path, HashPair] = {}
     todo = []
     for path in candidates:
         entry, stamp = known.get(relpaths[path]), stamps[path]
         if stamp is not None and entry is not None and entry[:2] == stamp:
-            hashes[path] = entry[2]
+            hashes[path] = (entry[2], entry[3])
         else:
             todo.append(path)
     bad = {}
@@ -241,7 +262,7 @@ def _check_new(
     for path, value in hashes.items():
         stamp = stamps[path]
         if stamp is not None and stamp[1] < not_before:
-            good[relpaths[path]] = (stamp[0], stamp[1], value)
+            good[relpaths[path]] = (stamp[0], stamp[1], *value)
     if good != known:
         save_checked(folder, good)
     return bad, hashes
@@ -257,8 +278,8 @@ def validate_new_files(folder: Path, candidates: list[Path]) -> dict[Path, str]:
     return _check_new(folder, candidates, keep_others=False)[0]
 
 
-def recorded_hashes(folder: Path, files: list[Path]) -> list[int]:
-    """Return the 64-bit pHash of each of ``files`` (under ``folder``), in order.
+def recorded_hashes(folder: Path, files: list[Path]) -> list[HashPair]:
+    """Return the (pHash, mirror pHash) pair (:func:`phash_pair`) of each of ``files``, in order.
 
     Read from the validation record where a file's (relative path, size, mtime) match; the other
     files are validated and hashed in one decode each (on every usable core) and recorded, and

@@ -142,14 +142,34 @@ def _grid_point_parameters(
     }
 
 
+def _embedding_backbone(plan: Plan) -> dict[str, Any] | None:
+    """The backbone of the grid's first frozen strategy with cached features, for 01's audit.
+
+    ``{"backbone", "weights", "image_size"}``: notebook 01's embedding audit
+    (:mod:`imgcls.evaluation.embedding_audit`) reads the same cached features that strategy's
+    heads train on. None when no grid point trains a head on cached frozen features.
+    """
+    for point in plan.points:
+        strategy = point.strategy
+        if strategy.freeze_backbone and strategy.use_feature_cache:
+            return {
+                "backbone": strategy.backbone,
+                "weights": strategy.weights,
+                "image_size": strategy.image_size,
+            }
+    return None
+
+
 def _data_parameters(plan: Plan, options: RunnerOptions) -> dict[str, Any]:
-    """The parameters of notebook 01: the folds and seed of the grid's first point."""
+    """The parameters of notebook 01: the grid's first point's folds and seed, its frozen backbone."""
     first = plan.points[0].strategy if plan.points else Strategy()
     return {
         "data_dir": options.data_dir,
         "folds": first.folds,
         "seed": first.seed,
         "skip_bad_images": options.skip_bad_images,
+        "embedding_backbone": _embedding_backbone(plan),
+        "device": options.device,
     }
 
 
