@@ -309,7 +309,7 @@ def class_balance(counts: pd.DataFrame, title: str) -> Figure:
 
 def fold_scores_plot(scores: dict[str, Sequence[float]], title: str) -> Figure:
     """Take per-fold accuracies by strategy; return lines across folds (a paired comparison)."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     longest = 0
     for name, values in scores.items():
         values = np.asarray(values, dtype=float)
@@ -318,7 +318,8 @@ def fold_scores_plot(scores: dict[str, Sequence[float]], title: str) -> Figure:
         ax.plot(folds, values, marker="o", label=f"{name} (mean {np.nanmean(values):.3f})")
     if longest:
         ax.set_xticks(np.arange(1, longest + 1))
-        ax.legend(fontsize="small")
+        # beside the axes, not on them: with many grid points a legend inside hides the lines
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         _message(ax, "no fold scores")
     ax.set_title(title)
