@@ -224,8 +224,12 @@ def cached_features(
     data_md5: str,
     device: torch.device | None = None,
     progress: bool = False,
+    mirrored: bool = False,
 ) -> tuple[np.ndarray, bool]:
     """Return ``(features [N, F] float32, cache_hit)`` of a frozen backbone over a split, cached.
+
+    ``mirrored``: the features of every image flipped left-right (test-time augmentation), row
+    ``i`` the mirror of row ``i``; cached under the same key plus ``view: hflip``.
 
     On a miss the images are decoded (:class:`~imgcls.data.cache.DecodedImages`, on the cores the
     forward pass on ``device`` leaves free) while the backbone is built and embeds the rows
@@ -246,6 +250,8 @@ def cached_features(
         "size": image_size,
         "version": 1,
     }
+    if mirrored:
+        key["view"] = "hflip"
     if (dtype := amp_dtype(target)) is not None:
         key["autocast"] = str(dtype).removeprefix("torch.")
 
@@ -259,7 +265,7 @@ def cached_features(
     backbone, width, prep = build_backbone(backbone_name, weights, image_size)
     blocks = embed_batches(
         backbone,
-        images.array,
+        images.array[..., ::-1] if mirrored else images.array,  # a reversed view, not a copy
         prep,
         target,
         progress=progress,

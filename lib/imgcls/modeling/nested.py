@@ -29,13 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.core.config import ConfigError, Strategy, stable_hash
+from imgcls.core.config import ConfigError, Strategy
 from imgcls.core.strategy import ensemble_problem
-from imgcls.data.cache import cached_array, decoded_images
 from imgcls.data.duplicates import fold_groups
 from imgcls.data.folders import ImageFolder, assign_folds
-from imgcls.modeling.features import amp_dtype, embed_images, pick_device
-from imgcls.modeling.models import build_backbone, weights_identity
+from imgcls.modeling.features import cached_features
 from imgcls.modeling.training import TrainingInputs, predict_rows, train_rows
 
 
@@ -52,30 +50,14 @@ def flipped_features(
     The images are the decoded-image cache's uint8 ``[N, 3, S, S]`` (resized and centre-cropped
     exactly as for training) flipped along the width axis, so the row ``i`` is the mirror of what
     :func:`imgcls.modeling.features.cached_features` embeds in row ``i``. Cached under the same key
-    plus ``view: hflip`` (one backbone pass per data version, backbone, weights and size) and
-    returned as the cache returns it (read-only, memory-mapped: read it with ``take_rows``). Raises
+    plus ``view: hflip`` (:func:`imgcls.modeling.features.cached_features` with
+    ``mirrored=True``: one backbone pass per data version, backbone, weights and size, images
+    streamed from the decoded cache) and returned as the cache returns it (read-only, memory-mapped: read it with ``take_rows``). Raises
     :class:`imgcls.data.images.ImageReadError` naming an unreadable file.
     """
-    target = pick_device(str(device) if device else None)
-    key = {
-        "data": data_md5,
-        "root": folder.root.name,
-        "files": stable_hash(folder.relpaths(), 32),
-        "backbone": backbone_name,
-        "weights": weights_identity(weights),
-        "size": image_size,
-        "version": 1,
-        "view": "hflip",
-    }
-    if (dtype := amp_dtype(target)) is not None:
-        key["autocast"] = str(dtype).removeprefix("torch.")
-
-    def build() -> np.ndarray:
-        images = np.ascontiguousarray(decoded_images(folder, image_size, data_md5)[..., ::-1])
-        backbone, _, prep = build_backbone(backbone_name, weights, image_size)
-        return embed_images(backbone, images, prep, target)
-
-    features, _ = cached_array("features", key, build)
+    features, _ = cached_features(
+        folder, backbone_name, weights, image_size, data_md5, device, mirrored=True
+    )
     return features
 
 
