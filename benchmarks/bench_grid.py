@@ -66,8 +66,62 @@ def parse_done_lines(lines: list[str]) -> list[dict[str, Any]]:
     return found
 
 
-def grid_point_metrics(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
-    """Read each grid-point parent run's timings from MLflow and split training from overhead."""
+def notebook_cell_seconds(path: Path) -> float | None:
+    """Return the summed papermill ``duration`` (s) of an executed notebook's code cells.
+
+    None when the notebook is missing or a code cell has no duration (not executed by papermill).
+    """
+    import nbformat
+
+    if not path.is_file():
+        return None
+    cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    durations = [c.metadata.get("papermill", {}).get("duration") for c in cells]
+    return None if not durations or None in durations else float(sum(durations))
+
+
+def split_grid_point(metrics: dict[str, float | None], cells: float | None) -> dict[str, Any]:
+    """Split a grid point's wall time into training, analysis and orchestration (seconds).
+
+    ``metrics``: the parent run's ``grid_point_seconds``, ``cv_train_seconds``,
+    ``refit_seconds``, ``cv_setup_seconds`` and ``seed_repetition_seconds`` (absent: 0, as for
+    fine-tuned strategies, which have no seed repetitions); ``cells``: the summed cell durations
+    of its 02 and 03 (:func:`notebook_cell_seconds`). Returns
+
+    - ``training_seconds``: CV folds + seed repetitions + refit + cache setup;
+    - ``fixed_overhead_seconds``: the wall time minus training (everything else);
+    - ``analysis_seconds``: the part of that spent inside the notebooks' cells (evaluation,
+      Grad-CAM, latency, figures, MLflow logging from the cells);
+    - ``orchestration_seconds``: the part outside any cell (kernel reset, papermill's reading,
+      parameter injection and writing, HTML rendering, the runner's MLflow bookkeeping), the
+      part one papermill run of an empty notebook measures.
+
+    A part is None when a number it needs is missing.
+    """
+    seeds = metrics.get("seed_repetition_seconds") or 0.0
+    parts = [metrics.get(k) for k in ("cv_train_seconds", "refit_seconds", "cv_setup_seconds")]
+    total = metrics.get("grid_point_seconds")
+    training = None if None in parts else sum(parts) + seeds
+    overhead = None if total is None or training is None else total - training
+    orchestration = None if total is None or cells is None else total - cells
+    analysis = None if overhead is None or orchestration is None else overhead - orchestration
+    return {
+        "seed_repetition_seconds": seeds,
+        "training_seconds": training,
+        "fixed_overhead_seconds": overhead,
+        "analysis_seconds": analysis,
+        "orchestration_seconds": orchestration,
+    }
+
+
+def grid_point_metrics(
+    tracking_uri: str, experiment: str, reports: Path | None = None
+) -> list[dict[str, Any]]:
+    """Read each grid point's timings from MLflow (and its executed notebooks in ``reports``).
+
+    One dict per grid-point parent run: its timing metrics and :func:`split_grid_point`'s parts
+    (the executed notebooks are ``<reports>/<run name>/{02_train_cv,03_evaluate}.ipynb``).
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -83,22 +137,35 @@ def grid_point_metrics(tracking_uri: str, experiment: str) -> list[dict[str, Any
         "cv_train_seconds",
         "refit_seconds",
         "cv_setup_seconds",
+        "seed_repetition_seconds",
         "02_train_cv_seconds",
         "03_evaluate_seconds",
     )
     for run in runs:
+        name = run.data.tags.get("mlflow.runName", run.info.run_id)
         metrics = {k: run.data.metrics.get(k) for k in names}
-        parts = [metrics[k] for k in names[:4]]
-        overhead = None if None in parts else parts[0] - parts[1] - parts[2] - parts[3]
+        cells = None
+        if reports is not None:
+            found_cells = [
+                notebook_cell_seconds(reports / name / f"{nb}.ipynb")
+                for nb in ("02_train_cv", "03_evaluate")
+            ]
+            cells = None if None in found_cells else sum(found_cells)
         points.append(
             {
-                "run": run.data.tags.get("mlflow.runName", run.info.run_id),
+                "run": name,
                 "status": run.info.status,
                 **metrics,
-                "fixed_overhead_seconds": overhead,
+                "cell_seconds": cells,
+                **split_grid_point(metrics, cells),
             }
         )
     return sorted(points, key=lambda p: p["run"])
+
+
+def _mean(points: list[dict[str, Any]], key: str) -> float | None:
+    values = [p[key] for p in points if p.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def empty_notebook_seconds(tmp: Path, runs: int = 2) -> float:
@@ -194,18 +261,20 @@ def step_grid(cfg: dict[str, Any]) -> dict[str, Any]:
         raise
     seconds = time.perf_counter() - start
     reader.join(timeout=10)
-    points = grid_point_metrics(uri, experiment)
-    overheads = [
-        p["fixed_overhead_seconds"] for p in points if p["fixed_overhead_seconds"] is not None
-    ]
-    mean_overhead = sum(overheads) / len(overheads) if overheads else None
+    points = grid_point_metrics(uri, experiment, Path(env["IMGCLS_REPORTS_DIR"]))
+    mean_overhead = _mean(points, "fixed_overhead_seconds")
+    mean_analysis = _mean(points, "analysis_seconds")
+    mean_orchestration = _mean(points, "orchestration_seconds")
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    training = sum((p["cv_train_seconds"] or 0) + (p["refit_seconds"] or 0) for p in points)
+    training = sum(p["training_seconds"] or 0 for p in points)
     notes = f"{len(points)} grid points, exit code {process.returncode}"
     if mean_overhead is not None:
+        notes += f", per point: fixed overhead {mean_overhead:.1f} s"
+    if mean_analysis is not None and mean_orchestration is not None:
         notes += (
-            f", mean fixed overhead {mean_overhead:.1f} s/point = "
-            f"{mean_overhead / empty_seconds:.1f}x one empty notebook ({empty_seconds:.1f} s)"
+            f" = analysis cells {mean_analysis:.1f} s + orchestration {mean_orchestration:.1f} s"
+            f" ({mean_orchestration / empty_seconds:.1f}x one empty notebook, "
+            f"{empty_seconds:.1f} s)"
         )
     return {
         "seconds": seconds,
@@ -220,6 +289,8 @@ def step_grid(cfg: dict[str, Any]) -> dict[str, Any]:
         "grid_points": points,
         "training_seconds": training,
         "mean_fixed_overhead_seconds": mean_overhead,
+        "mean_analysis_seconds": mean_analysis,
+        "mean_orchestration_seconds": mean_orchestration,
         "empty_notebook_seconds": empty_seconds,
         "notes": notes,
     }

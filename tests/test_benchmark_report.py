@@ -25,7 +25,8 @@ STEPS = {
     },
     "grid": {
         "exit_code": 0,
-        "mean_fixed_overhead_seconds": 5.0,
+        "mean_fixed_overhead_seconds": 12.0,
+        "mean_orchestration_seconds": 5.0,
         "empty_notebook_seconds": 2.0,
         "tree_peak_rss_bytes": 4.2e9,
     },
@@ -50,7 +51,7 @@ def test_each_target_is_judged_against_its_threshold():
         "NOT MET",
     )
     # a ratio to one papermill run of an empty notebook in the same run, not absolute seconds
-    overhead = "grid fixed overhead per grid point / one empty notebook (papermill)"
+    overhead = "grid orchestration per grid point / one empty notebook (papermill)"
     assert verdicts[overhead] == (2.5, "MET")
     slower = {**STEPS, "grid": {**STEPS["grid"], "empty_notebook_seconds": 1.5}}
     assert _verdicts(slower)[overhead] == (5.0 / 1.5, "NOT MET")
@@ -90,3 +91,58 @@ def test_markdown_lists_every_target_with_its_status():
     for target in report["targets"]:
         assert target["target"] in markdown
     assert markdown.count("| NOT MET |") == 3
+
+
+def test_grid_point_split_counts_seed_repetitions_as_training(tmp_path):
+    import nbformat
+    from bench_grid import notebook_cell_seconds, split_grid_point
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_markdown_cell("# a title has no duration"),
+        nbformat.v4.new_code_cell("x = 1", metadata={"papermill": {"duration": 1.25}}),
+        nbformat.v4.new_code_cell("y = 2", metadata={"papermill": {"duration": 0.5}}),
+    ]
+    path = tmp_path / "02_train_cv.ipynb"
+    nbformat.write(notebook, path)
+    assert notebook_cell_seconds(path) == 1.75
+    notebook.cells.append(nbformat.v4.new_code_cell("z = 3"))  # never executed by papermill
+    nbformat.write(notebook, path)
+    assert notebook_cell_seconds(path) is None
+    assert notebook_cell_seconds(tmp_path / "missing.ipynb") is None
+
+    metrics = {
+        "grid_point_seconds": 20.0,
+        "cv_train_seconds": 2.0,
+        "refit_seconds": 1.0,
+        "cv_setup_seconds": 0.5,
+        "seed_repetition_seconds": 3.5,
+    }
+    parts = split_grid_point(metrics, cells=15.0)
+    assert parts["training_seconds"] == 7.0  # 2 + 3.5 + 1 + 0.5
+    assert parts["fixed_overhead_seconds"] == 13.0
+    assert parts["orchestration_seconds"] == 5.0  # outside any cell
+    assert parts["analysis_seconds"] == 8.0  # inside cells, not training
+    finetuned = split_grid_point({**metrics, "seed_repetition_seconds": None}, cells=None)
+    assert finetuned["training_seconds"] == 3.5
+    assert finetuned["orchestration_seconds"] is None and finetuned["analysis_seconds"] is None
+
+
+def test_rounds_repeat_the_short_steps_and_keep_the_fastest():
+    from run_benchmarks import fastest, schedule
+
+    steps = ["floor_forward", "reference_frozen", "ours_frozen_cold", "grid"]
+    assert schedule(steps, 2) == [
+        (0, "floor_forward"),
+        (0, "reference_frozen"),
+        (0, "ours_frozen_cold"),
+        (1, "floor_forward"),
+        (1, "ours_frozen_cold"),
+        (0, "grid"),
+    ]
+    assert schedule(steps, 1) == [(0, s) for s in steps]
+    best = fastest([{"seconds": 17.1, "notes": "a"}, {"seconds": 12.4, "notes": "b"}])
+    assert best["seconds"] == 12.4 and best["round_seconds"] == [17.1, 12.4]
+    assert best["notes"] == "b; fastest of 2 rounds (17.10, 12.40 s)"
+    failed = {"error": "step process exited with code 1"}
+    assert fastest([{"seconds": 1.0}, failed]) == failed  # a failed round is never hidden
