@@ -55,6 +55,7 @@ MEASUREMENTS = (
 )
 TARGET_TIME_RATIO = 1.2  # time per image at N x within 1.2x of the smallest size's
 TARGET_RSS_RATIO = 1.5  # peak RSS at N x within 1.5x of the smallest size's
+PROBE_REPEATS = 8  # speed_probe: about 1 s on 2 threads of this machine
 QUICK_FINETUNE_IMAGES = 256  # --quick: the fine-tuning epoch sees at most this many images
 
 
@@ -176,17 +177,48 @@ def run_step(name: str, config: Path, out: Path) -> int:
     return 0
 
 
+def speed_probe(threads: int, repeats: int = PROBE_REPEATS) -> float:
+    """Return the seconds of a fixed CPU workload now: the machine's speed at this moment.
+
+    ``repeats`` float32 3x3 convolutions of a ``[16, 64, 80, 80]`` tensor with 64 filters (one
+    of EfficientNet-Lite0's middle layers at 160 px, batch 16) on ``threads`` torch threads,
+    after one untimed warm-up; the fastest of 3 timings. Run before and after every measurement,
+    so the table can show how far the shared machine's speed drifted between the smallest size
+    and a larger one (the step itself runs in another process).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, 80, 80, generator=generator)
+    w = torch.randn(64, 64, 3, 3, generator=generator)
+    torch.nn.functional.conv2d(x, w, padding=1)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.nn.functional.conv2d(x, w, padding=1)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure(name: str, cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """Run measurement ``name`` in a fresh process; return its result or ``{"error": ...}``."""
+    """Run measurement ``name`` in a fresh process; return its result or ``{"error": ...}``.
+
+    The result carries ``probe_seconds``: the mean of :func:`speed_probe` just before and just
+    after the step.
+    """
     config = tmp / f"{name}.config.json"
     config.write_text(json.dumps(cfg, indent=2))
     out = tmp / f"{name}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--step", name]
     command += ["--config", str(config), "--out", str(out)]
+    before = speed_probe(cfg["threads"])
     process = subprocess.run(command, cwd=REPO_ROOT, check=False)
+    after = speed_probe(cfg["threads"])
     if process.returncode != 0 or not out.is_file():
         return {"error": f"step process exited with code {process.returncode}"}
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "probe_seconds": (before + after) / 2}
 
 
 def judge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -202,13 +234,16 @@ def judge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         same = [r for r in rows if r["measurement"] == row["measurement"]]
         base = min(same, key=lambda r: r["factor"])
         row["base"] = base["factor"]
-        row["time_ratio"] = row["rss_ratio"] = None
+        row["time_ratio"] = row["rss_ratio"] = row["speed_ratio"] = row["adjusted_ratio"] = None
         row["time_status"] = row["rss_status"] = "base" if row is base else "n/a"
         if row is base or row["ms_per_image"] is None or base["ms_per_image"] is None:
             continue
         row["time_ratio"] = row["ms_per_image"] / base["ms_per_image"]
         row["rss_ratio"] = row["peak_rss_bytes"] / base["peak_rss_bytes"]
         row["time_status"] = "met" if row["time_ratio"] <= TARGET_TIME_RATIO else "not met"
+        if row.get("probe_seconds") and base.get("probe_seconds"):
+            row["speed_ratio"] = row["probe_seconds"] / base["probe_seconds"]
+            row["adjusted_ratio"] = row["time_ratio"] / row["speed_ratio"]
         row["rss_status"] = "met" if row["rss_ratio"] <= TARGET_RSS_RATIO else "not met"
     return rows
 
@@ -221,16 +256,21 @@ def render(report: dict[str, Any]) -> str:
         f"{report['environment']}. Targets against the smallest size: time per image "
         f"<= {TARGET_TIME_RATIO}x, peak RSS <= {TARGET_RSS_RATIO}x.",
         "",
+        "The probe is a fixed convolution workload timed just before and after each step "
+        "(`speed_probe`); `probe vs base` above 1 means the shared machine ran slower than "
+        "during the smallest size's step, and `drift-adjusted` divides the time ratio by it. "
+        "Targets are judged on the unadjusted ratio.",
+        "",
         "| measurement | size | images | seconds | ms/image | peak RSS (MB) | time/image vs "
-        "base | time target | RSS vs base | RSS target |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+        "base | time target | RSS vs base | RSS target | probe vs base | drift-adjusted |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |",
     ]
     for row in report["rows"]:
         size = size_label(row["factor"])
         if "error" in row:
             lines.append(
                 f"| {row['measurement']} | {size} | - | - | - | - | - | FAILED: "
-                f"{row['error']} | - | - |"
+                f"{row['error']} | - | - | - | - |"
             )
             continue
 
@@ -241,7 +281,8 @@ def render(report: dict[str, Any]) -> str:
             f"| {row['measurement']} | {size} | {row['images']:,} | {row['seconds']:,.1f} | "
             f"{row['ms_per_image']:,.2f} | {row['peak_rss_bytes'] / 1e6:,.0f} | "
             f"{ratio(row['time_ratio'])} | {row['time_status']} | {ratio(row['rss_ratio'])} | "
-            f"{row['rss_status']} |"
+            f"{row['rss_status']} | {ratio(row.get('speed_ratio'))} | "
+            f"{ratio(row.get('adjusted_ratio'))} |"
         )
     return "\n".join(lines) + "\n"
 

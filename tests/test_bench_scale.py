@@ -61,6 +61,30 @@ def test_each_size_is_judged_against_the_smallest():
     assert verdicts["dry_run", 16]["time_ratio"] == pytest.approx(9.0 / 16000 / (8.0 / 4000))
 
 
+def test_machine_drift_is_shown_beside_the_unadjusted_verdict():
+    base = {**_row("finetune_epoch", 1, 10.0, 1000, 1e9), "probe_seconds": 1.0}
+    slower = {**_row("finetune_epoch", 16, 208.0, 16000, 1e9), "probe_seconds": 1.3}
+    unprobed = _row("dry_run", 16, 9.0, 16000, 0.9e9)
+    rows = judge([base, slower, _row("dry_run", 1, 1.0, 1000, 0.9e9), unprobed])
+    assert rows[1]["time_ratio"] == pytest.approx(1.3)
+    assert rows[1]["time_status"] == "not met"  # judged on the measured time, not the adjusted
+    assert rows[1]["speed_ratio"] == pytest.approx(1.3)
+    assert rows[1]["adjusted_ratio"] == pytest.approx(1.0)
+    assert rows[3]["speed_ratio"] is None and rows[3]["adjusted_ratio"] is None
+    table = render({"mode": "full", "created": "now", "environment": "cpu", "rows": rows})
+    assert (
+        "| finetune_epoch | 16x | 16,000 | 208.0 | 13.00 | 1,000 | 1.30x | not met | 1.00x | met | 1.30x | 1.00x |"
+        in table
+    )
+
+
+def test_speed_probe_times_a_fixed_workload():
+    from bench_scale import speed_probe
+
+    one, three = speed_probe(1, repeats=1), speed_probe(1, repeats=3)
+    assert 0 < one < three  # three convolutions take longer than one
+
+
 def test_a_failed_measurement_has_no_verdict_and_is_named_in_the_table():
     rows = judge(
         [
