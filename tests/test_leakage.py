@@ -257,8 +257,9 @@ def test_group_ids_are_connected_components_numbered_by_first_member():
         (2, 3, 8),
         (2, 4, 7),
     ]
-    blocked = near_pairs(hashes, 8, block=2)
-    assert all(np.array_equal(a, b) for a, b in zip(blocked, (i, j, d), strict=True))
+    for pairs_per_block in (1, 10, 15):  # blocks of 1, 2 (last one ragged) and 3 rows of 5
+        blocked = near_pairs(hashes, 8, pairs_per_block=pairs_per_block)
+        assert all(np.array_equal(a, b) for a, b in zip(blocked, (i, j, d), strict=True))
     assert group_ids(np.zeros(0, dtype=np.uint64)).tolist() == []
 
 
