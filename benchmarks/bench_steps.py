@@ -74,24 +74,51 @@ def setup_torch(cfg: dict[str, Any]) -> Any:
     return pick_device(cfg["device"])
 
 
+def notebook_imports(name: str, before: str) -> list[str]:
+    """Return the import statements of notebook ``name``'s code cells before the first cell that
+    contains ``before``: its top-level ``import`` / ``from ... import`` lines, in order.
+
+    Read from the committed notebook, so the list cannot drift from what the notebook does.
+    """
+    import ast
+
+    import nbformat
+
+    from imgcls.core import paths
+
+    notebook = nbformat.read(paths.notebooks_dir() / f"{name}.ipynb", as_version=4)
+    statements: list[str] = []
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        if before in cell.source:
+            break
+        statements += [
+            ast.unparse(node)
+            for node in ast.parse(cell.source).body
+            if isinstance(node, ast.Import | ast.ImportFrom)
+        ]
+    return statements
+
+
 def import_libraries() -> float:
     """Import the training libraries before a step's clock starts; return the seconds it took.
 
     Every step times work, not interpreter start-up: the floors and the reference import torch,
     torchvision and timm (torchvision pulls in ``torch._dynamo``) before their clocks too. Ours
-    import what notebook 02's import cells import before its cross-validation starts
-    (``imgcls.pipeline.session`` and ``imgcls.reporting.plots``, which bring scikit-learn's
-    metrics and SciPy), so the 1-2 s first import of scikit-learn is not charged to the folds:
-    after it, ``sklearn.model_selection`` (imported by the fold split) costs ~0.02 s, as in 02.
+    also import what notebook 02 imports before its cross-validation cell
+    (:func:`notebook_imports`: scikit-learn's metrics and SciPy come with them), so scikit-learn's
+    1-2 s first import is not charged to the folds: after it, ``sklearn.model_selection``
+    (imported by the fold split) costs ~0.02 s, as in 02.
     """
     start = time.perf_counter()
     import timm  # noqa: F401
 
     import imgcls.modeling.features
-    import imgcls.modeling.training
-    import imgcls.pipeline.session
-    import imgcls.reporting.plots  # noqa: F401
+    import imgcls.modeling.training  # noqa: F401
 
+    for statement in notebook_imports("02_train_cv", before="cross_validate("):
+        exec(statement, {})  # the notebook's own import lines, nothing else
     return time.perf_counter() - start
 
 

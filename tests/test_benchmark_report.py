@@ -146,3 +146,13 @@ def test_rounds_repeat_the_short_steps_and_keep_the_fastest():
     assert best["notes"] == "b; fastest of 2 rounds (17.10, 12.40 s)"
     failed = {"error": "step process exited with code 1"}
     assert fastest([{"seconds": 1.0}, failed]) == failed  # a failed round is never hidden
+
+
+def test_the_bench_imports_what_notebook_02_imports_before_its_cv():
+    from bench_steps import notebook_imports
+
+    statements = notebook_imports("02_train_cv", before="cross_validate(")
+    assert "from imgcls.pipeline.session import TrainingSession" in statements
+    assert all(s.startswith(("import ", "from ")) for s in statements)
+    # a cell marker that comes first yields nothing: only cells before it are read
+    assert notebook_imports("02_train_cv", before="strategy") == []

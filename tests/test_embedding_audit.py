@@ -116,7 +116,7 @@ def test_cosine_pairs_within_and_across():
     i, j, cosine = cosine_pairs(a, None, threshold=0.7)
     assert list(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 2), (1, 2)]
     assert np.allclose(cosine, np.sqrt(0.5))
-    i, j, cosine = cosine_pairs(a, np.array([[2.0, 0.1]]), threshold=0.99, block=1)
+    i, j, cosine = cosine_pairs(a, np.array([[2.0, 0.1]]), threshold=0.99, pairs_per_block=1)
     assert (i.tolist(), j.tolist()) == ([0], [0]) and cosine[0] == pytest.approx(0.99875, abs=1e-5)
     assert COSINE_THRESHOLD > TEST_THRESHOLD
     with pytest.raises(ValueError, match="feature widths differ: 2 and 3"):
@@ -147,3 +147,24 @@ def test_notebook_01_gets_the_grids_first_frozen_backbone():
     check_parameters("01_data", parameters)  # the notebook declares every name the runner sets
     plan.points = plan.points[:2]
     assert _data_parameters(plan, options)["embedding_backbone"] is None
+
+
+def test_cosine_pairs_are_the_same_whatever_the_block():
+    # the kind of near_pairs' fix: a pairwise block sized from a pair budget, not a row count
+    features = np.random.default_rng(3).normal(size=(23, 4))
+    features[7] = features[2] * 3.0  # an exact direction copy: cosine 1
+    whole = cosine_pairs(features, None, threshold=0.5, pairs_per_block=10_000)
+    for budget in (1, 23, 50):  # one row, one row (23 columns), two rows with a ragged end
+        i, j, cosine = cosine_pairs(features, None, threshold=0.5, pairs_per_block=budget)
+        assert np.array_equal(i, whole[0]) and np.array_equal(j, whole[1])
+        np.testing.assert_allclose(cosine, whole[2], rtol=0, atol=1e-12)  # BLAS block sums
+    assert (2, 7) in set(zip(whole[0].tolist(), whole[1].tolist(), strict=True))
+
+
+def test_rows_per_block_holds_the_budget_whatever_the_size():
+    from imgcls.data.arrays import PAIR_BLOCK, rows_per_block
+
+    assert rows_per_block(949) * 949 <= PAIR_BLOCK
+    assert rows_per_block(100_000) * 100_000 <= PAIR_BLOCK
+    assert rows_per_block(100_000) >= 1 and rows_per_block(10 * PAIR_BLOCK) == 1
+    assert rows_per_block(0) == PAIR_BLOCK

@@ -24,7 +24,7 @@ from imgcls.modeling.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.modeling.crossval import cross_validate, prepare_inputs
 from imgcls.modeling.ensemble import fold_ensemble
 from imgcls.modeling.features import cached_features
-from imgcls.modeling.nested import FoldScorer, flipped_features
+from imgcls.modeling.nested import FoldScorer
 from imgcls.modeling.training import predict_rows, train_rows
 from imgcls.serving.pyfunc import images_to_batch, predict_images
 from tests.conftest import make_image, write_dataset
@@ -68,7 +68,9 @@ def test_ensemble_checkpoint_predicts_the_mean_of_its_fold_heads_on_both_views(d
     test_md5 = data_version(data / "test")
     views = [
         torch.from_numpy(np.array(cached_features(test, "resnet18", "none", 32, test_md5)[0])),
-        torch.from_numpy(np.array(flipped_features(test, "resnet18", "none", 32, test_md5))),
+        torch.from_numpy(
+            np.array(cached_features(test, "resnet18", "none", 32, test_md5, mirrored=True)[0])
+        ),
     ]
     heads = []
     for fold in cv.folds:
@@ -165,7 +167,9 @@ def test_cv_scores_the_served_model_and_keeps_the_same_fold_models(data):
         for key, tensor in a.state_dict.items():  # the same fold models, scored differently
             assert torch.equal(tensor, b.state_dict[key]) and torch.equal(tensor, c.state_dict[key])
     features = torch.from_numpy(np.array(cached_features(folder, "resnet18", "none", 32, md5)[0]))
-    mirrored = torch.from_numpy(np.array(flipped_features(folder, "resnet18", "none", 32, md5)))
+    mirrored = torch.from_numpy(
+        np.array(cached_features(folder, "resnet18", "none", 32, md5, mirrored=True)[0])
+    )
     labels = torch.from_numpy(folder.labels)
     inputs, _ = prepare_inputs(Strategy(**TINY), folder, md5)
     for fold in flip.folds:
@@ -192,7 +196,9 @@ def test_flipped_features_are_the_features_of_the_mirrored_images(tmp_path, monk
                 tmp_path / "mirror" / kind / f"{i}.png"
             )
     plain, mirror = scan_image_folder(tmp_path / "plain"), scan_image_folder(tmp_path / "mirror")
-    flipped = flipped_features(plain, "resnet18", "none", 32, data_version(tmp_path / "plain"))
+    flipped, _ = cached_features(
+        plain, "resnet18", "none", 32, data_version(tmp_path / "plain"), mirrored=True
+    )
     direct, _ = cached_features(mirror, "resnet18", "none", 32, data_version(tmp_path / "mirror"))
     unflipped, _ = cached_features(plain, "resnet18", "none", 32, data_version(tmp_path / "plain"))
     np.testing.assert_allclose(flipped, direct, atol=1e-4)

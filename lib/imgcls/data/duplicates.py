@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from imgcls.data import images, validation
+from imgcls.data.arrays import PAIR_BLOCK, rows_per_block
 from imgcls.data.folders import ImageFolder, assign_folds, scan_image_folder
 
 # defined next to the decode that hashes (validation); re-exported as part of this module's API
@@ -139,9 +140,6 @@ def as_pairs(hashes: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected pHashes of shape [N] or pairs [N, 2], got shape {hashes.shape}")
 
 
-PAIR_BLOCK = 1 << 22  # pairs compared at once: each uint64/int64 temporary is 32 MiB
-
-
 def near_pairs(
     hashes: np.ndarray, max_distance: int = MAX_DISTANCE, pairs_per_block: int = PAIR_BLOCK
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,13 +147,11 @@ def near_pairs(
 
     ``hashes`` is uint64 pHash pairs [N, 2] (:func:`folder_hashes`) or plain hashes [N]
     (:func:`as_pairs`); distance is :func:`hash_distance` in bits. Rows are compared against all
-    N hashes ``pairs_per_block // N`` rows at a time (at least one), so the temporaries stay
-    about ``pairs_per_block`` elements (8 bytes each) whatever N is: a fixed 2048 rows held
-    +644 MB at 15,184 images and would hold ~4 GB at 100,000. The time is O(N^2). Sorted by
-    (i, j).
+    N hashes :func:`imgcls.data.arrays.rows_per_block` rows at a time, so the temporaries hold
+    about ``pairs_per_block`` values whatever N is. The time is O(N^2). Sorted by (i, j).
     """
     hashes = as_pairs(hashes)
-    block = max(1, pairs_per_block // max(1, len(hashes)))
+    block = rows_per_block(len(hashes), pairs_per_block)
     found_i, found_j, found_d = [], [], []
     for start in range(0, len(hashes), block):
         rows = hashes[start : start + block]

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from imgcls.data import duplicates
+from imgcls.data.arrays import PAIR_BLOCK, rows_per_block
 from imgcls.data.folders import ImageFolder, data_version
 from imgcls.modeling.features import cached_features
 
@@ -63,19 +64,21 @@ def cosine_pairs(
     a: np.ndarray,
     b: np.ndarray | None = None,
     threshold: float = COSINE_THRESHOLD,
-    block: int = 1024,
+    pairs_per_block: int = PAIR_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(i, j, cosine)`` ([P] int64, int64, float64) of pairs with cosine >= ``threshold``.
 
     ``a`` is ``[N, F]``; with ``b`` (``[M, F]``) every pair (row i of a, row j of b), without it
     every pair i < j of ``a``. Cosine similarity of the rows (:func:`unit_rows`), computed
-    ``block`` rows at a time (memory O(block * M)); sorted by (i, j). Raises ValueError when the
+    :func:`imgcls.data.arrays.rows_per_block` rows at a time (a ``[rows, M]`` block of about
+    ``pairs_per_block`` values whatever M is); sorted by (i, j). Raises ValueError when the
     feature widths differ.
     """
     left = unit_rows(a)
     right = left if b is None else unit_rows(b)
     if left.shape[1] != right.shape[1]:
         raise ValueError(f"feature widths differ: {left.shape[1]} and {right.shape[1]}")
+    block = rows_per_block(len(right), pairs_per_block)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for start in range(0, len(left), block):
         similarity = left[start : start + block] @ right.T

@@ -56,7 +56,6 @@ from imgcls.modeling.features import (
     to_model_input,
 )
 from imgcls.modeling.models import Classifier, Preprocessing
-from imgcls.modeling.nested import flipped_features
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +328,8 @@ class EvaluationSession:
             result.data_md5,
             pick_device(self.device),
         )
-        views = [cached_features(*spec)[0]] + ([flipped_features(*spec)] if tta == "flip" else [])
+        mirrored = [True] if tta == "flip" else []
+        views = [cached_features(*spec, mirrored=m)[0] for m in [False, *mirrored]]
         head = head_from_checkpoint(payload)
         with torch.inference_mode():
             probs = [head_probabilities(head, v) for v in views]  # streamed from the cache

@@ -7,7 +7,7 @@ trained without its validation fold.
 * ``tta: flip``: the fold model predicts each validation image and its horizontal mirror and the
   two probability vectors are averaged (:class:`Views`), as 03 and the served model do. On a
   frozen backbone the mirrors' features are cached like the images' own
-  (:func:`flipped_features`).
+  (:func:`imgcls.modeling.features.cached_features` with ``mirrored=True``).
 * ``ensemble: folds``: the served model averages the k fold models, each of which saw (k-1)/k of
   the training images. Averaging those k models on an outer validation fold would leak (k-1 of
   them trained on it). Instead, within each outer fold the outer training part is split again
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -37,42 +36,19 @@ from imgcls.modeling.features import cached_features
 from imgcls.modeling.training import TrainingInputs, predict_rows, train_rows
 
 
-def flipped_features(
-    folder: ImageFolder,
-    backbone_name: str,
-    weights: str,
-    image_size: int,
-    data_md5: str,
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """Return float32 ``[N, F]``: a frozen backbone's features of every image mirrored left-right.
-
-    The images are the decoded-image cache's uint8 ``[N, 3, S, S]`` (resized and centre-cropped
-    exactly as for training) flipped along the width axis, so the row ``i`` is the mirror of what
-    :func:`imgcls.modeling.features.cached_features` embeds in row ``i``. Cached under the same key
-    plus ``view: hflip`` (:func:`imgcls.modeling.features.cached_features` with
-    ``mirrored=True``: one backbone pass per data version, backbone, weights and size, images
-    streamed from the decoded cache) and returned as the cache returns it (read-only, memory-mapped: read it with ``take_rows``). Raises
-    :class:`imgcls.data.images.ImageReadError` naming an unreadable file.
-    """
-    features, _ = cached_features(
-        folder, backbone_name, weights, image_size, data_md5, device, mirrored=True
-    )
-    return features
-
-
 def flipped_inputs(inputs: TrainingInputs, folder: ImageFolder, data_md5: str) -> TrainingInputs:
     """Return a shallow copy of ``inputs`` whose rows are the horizontal mirrors of its rows.
 
-    On cached features: :func:`flipped_features`; on images: a view of the uint8
+    On cached features: :func:`imgcls.modeling.features.cached_features` with ``mirrored=True``
+    (cached under the same key plus ``view: hflip``); on images: a view of the uint8
     ``[N, 3, S, S]`` array reversed along its last (width) axis (no copy: a memory-mapped cache
     stays mapped, and :meth:`~imgcls.modeling.training.TrainingInputs.batch` copies only a batch).
     """
     twin = copy.copy(inputs)
     if inputs.use_features:
         s = inputs.strategy
-        twin.inputs = flipped_features(
-            folder, s.backbone, s.weights, s.image_size, data_md5, inputs.device
+        twin.inputs, _ = cached_features(
+            folder, s.backbone, s.weights, s.image_size, data_md5, inputs.device, mirrored=True
         )
     elif isinstance(inputs.inputs, torch.Tensor):
         twin.inputs = torch.flip(inputs.inputs, dims=[-1])
