@@ -281,6 +281,32 @@ def test_cold_feature_cache_also_stores_the_decoded_images(image_dataset, isolat
     assert hit and np.array_equal(again, features)
 
 
+def test_decoding_first_or_beside_the_forward_pass_gives_the_same_features(
+    image_dataset, isolated_cache, tmp_path, monkeypatch
+):
+    import torch
+
+    from imgcls.data.cache import decode_workers, free_cores
+    from imgcls.data.images import usable_cores
+
+    folder = scan_image_folder(image_dataset / "train")
+    md5 = data_version(image_dataset)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(usable_cores())  # torch on every core: no core free, decode first
+        assert free_cores("cpu") == 0 and decode_workers("cpu") == 1
+        assert free_cores("cuda") == usable_cores() - 1  # one thread queues the CUDA kernels
+        first, hit = cached_features(folder, "resnet18", "none", 32, md5)
+        assert not hit
+        monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "other-cache"))
+        torch.set_num_threads(1)  # a core free wherever there are two: decode beside
+        beside, hit = cached_features(folder, "resnet18", "none", 32, md5)
+        assert not hit
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(first, beside, rtol=0, atol=1e-5)  # thread counts may reorder sums
+
+
 def test_corrupt_cache_file_is_rebuilt_not_trusted(image_dataset, isolated_cache):
     folder = scan_image_folder(image_dataset / "train")
     md5 = data_version(image_dataset)

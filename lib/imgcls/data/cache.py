@@ -120,21 +120,30 @@ def decoded_key(folder: ImageFolder, image_size: int, data_md5: str) -> dict:
     }
 
 
-def decode_workers(device: str | None = None) -> int:
-    """Return how many threads should decode images: the usable cores the backbone leaves free.
+def free_cores(device: str | None = None) -> int:
+    """Return the usable cores the forward pass on ``device`` leaves free (may be 0 or less).
 
     Usable cores (the process's affinity mask, ``os.sched_getaffinity``) minus the CPU threads
-    of the forward pass that consumes the images, at least 1. That is torch's intra-op thread
-    count when torch is loaded and the model runs on the CPU (``device`` None or ``"cpu"``), and
-    one thread (the one queueing the kernels) for a CUDA device. On the project's 2-core machine
-    with torch on both cores this is 1: the decode shares the cores with the forward pass.
+    of the forward pass that consumes the images: torch's intra-op thread count when torch is
+    loaded and the model runs on the CPU (``device`` None or ``"cpu"``), one thread (the one
+    queueing the kernels) for a CUDA device.
     """
     torch = sys.modules.get("torch")
     if device is not None and str(device).startswith("cuda"):
         busy = 1
     else:
         busy = torch.get_num_threads() if torch is not None else 0
-    return max(1, usable_cores() - busy)
+    return usable_cores() - busy
+
+
+def decode_workers(device: str | None = None) -> int:
+    """Return how many threads should decode images beside the forward pass: the free cores.
+
+    :func:`free_cores`, at least 1. On the project's 2-core machine with torch on both cores
+    this is 1; :func:`imgcls.modeling.features.cached_features` then decodes before the forward
+    pass instead of beside it, on every core.
+    """
+    return max(1, free_cores(device))
 
 
 class DecodedImages:
