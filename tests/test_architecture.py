@@ -71,3 +71,47 @@ def test_readme_architecture_section_lists_the_layers_in_order():
 def test_every_layer_exists():
     for layer in LAYERS:
         assert (PACKAGE / layer).is_dir() or (PACKAGE / f"{layer}.py").is_file(), layer
+
+
+# What the runner process may not import: it sits beside every kernel for the whole grid, so
+# whatever it holds adds to the grid's peak memory (torch alone: ~490 MB of RSS, 1.8 s of start-up).
+KERNEL_ONLY_MODULES = ("torch", "torchvision", "timm", "matplotlib", "sklearn")
+
+
+def test_runner_plans_a_grid_without_importing_training_libraries(tmp_path):
+    """A dry run (plan, data scan, notebook checks, promotion plan) leaves torch & co. unloaded."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from imgcls.core import paths
+    from tests.conftest import write_dataset
+
+    write_dataset(tmp_path / "data" / "train", {"forest": 6, "sea": 6}, seed=1, size=32)
+    write_dataset(tmp_path / "data" / "test", {"forest": 2, "sea": 2}, seed=2, size=32)
+    script = (
+        "import json, sys, contextlib, io\n"
+        "import run_experiments\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    code = run_experiments.main(['--dry-run', '--data-dir', {str(tmp_path / 'data')!r},"
+        f" '--tracking-uri', {'sqlite:///' + str(tmp_path / 'm.db')!r}])\n"
+        "print(json.dumps([code, sorted({m.split('.')[0] for m in sys.modules})]))\n"
+    )
+    env = {**os.environ, "IMGCLS_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=paths.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    code, loaded = json.loads(result.stdout.splitlines()[-1])
+    assert code == 0, result.stderr[-3000:]
+    assert not set(KERNEL_ONLY_MODULES) & set(loaded), (
+        "the runner imported "
+        f"{sorted(set(KERNEL_ONLY_MODULES) & set(loaded))}; run "
+        "`python -X importtime run_experiments.py --dry-run` to find the import chain"
+    )

@@ -94,6 +94,14 @@ def test_failing_strategy_does_not_stop_the_others_and_exit_is_nonzero(grid_run)
     assert "reports:" in first.stdout and "MLflow:" in first.stdout
 
 
+def test_warm_kernel_is_stopped_after_the_last_notebook_before_the_summary_page(grid_run):
+    """The kernel's memory (GBs after fine-tuning) is not held while the runner renders pages."""
+    out = grid_run["first"].stdout
+    stopped = re.search(r"stopped the notebooks' warm kernel \(pid (\d+)\)", out)
+    assert stopped, out[-3000:]
+    assert out.index("04_compare_runs done") < stopped.start() < out.index("one-file summary")
+
+
 def test_parent_and_child_runs_carry_lineage(grid_run):
     client = MlflowClient()
     frozen = [r for r in _runs("grid_point") if r.data.tags["strategy"] == "frozen"]

@@ -46,6 +46,10 @@ TEST_PREFIX = "test"  # the test split's metrics: test_accuracy, test_precision_
 # lib/imgcls/evaluation/metrics.py and lib/imgcls/evaluation/evaluate.py; the longest today, fold_models_accuracy_mean, has 25
 # characters. Key lengths are checked against this bound.
 LONGEST_FIXED_METRIC = 32
+# Logged by notebook 03 (imgcls.evaluation.latency) and read by the promotion rule and the
+# comparison (imgcls.selection): named here so that the runner, which plans promotion, reads it
+# without importing torch.
+METRIC_LATENCY = "latency_ms_per_image"
 
 _OUTSIDE_KEY = re.compile(r"[^A-Za-z0-9_.\-]+")
 _KEY_ENDS = "_."

@@ -55,25 +55,29 @@ def _kernel_process(km: Any) -> Any:
     return getattr(getattr(km, "provisioner", None), "process", None)
 
 
-def shutdown_kernel() -> None:
+def shutdown_kernel() -> int | None:
     """Kill this process's warm kernel, if one is running, and remove its connection file.
 
-    The kernel process is killed directly: after an interrupt, jupyter_client's own (async)
-    shutdown would run on nbclient's interrupted event loop and can wait forever.
+    Returns the killed kernel's process id, or None when no kernel was running. The kernel
+    process is killed directly: after an interrupt, jupyter_client's own (async) shutdown would
+    run on nbclient's interrupted event loop and can wait forever.
     """
     km = _WARM.pop("km", None)
     client = _WARM.pop("client", None)
     if km is None:
-        return
+        return None
     process = _kernel_process(km)
+    killed = None
     if process is not None and process.poll() is None:
         process.kill()
         process.wait(timeout=30)
+        killed = process.pid
     if client is not None:
         with contextlib.suppress(Exception):
             client.stop_channels()
     with contextlib.suppress(OSError, TypeError):
         Path(km.connection_file).unlink(missing_ok=True)
+    return killed
 
 
 def warm_kernel(kernel_name: str = KERNEL_NAME) -> Any:

@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from imgcls import tracking
 from imgcls.core import names
+from imgcls.core.names import METRIC_LATENCY
 from imgcls.evaluation import metrics
-from imgcls.evaluation.latency import METRIC_LATENCY
 from imgcls.modeling import seeds
 from imgcls.modeling.seeds import SEED_REPETITIONS
 from imgcls.selection import verdict as verdicts

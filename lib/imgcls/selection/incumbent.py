@@ -26,9 +26,9 @@ from mlflow.tracking import MlflowClient
 
 from imgcls import tracking
 from imgcls.core.config import TUNABLE_FIELDS, ConfigError, Strategy, strategy_from_dict
+from imgcls.core.names import METRIC_LATENCY
 from imgcls.data import duplicates
 from imgcls.data.folders import ImageFolder, fold_assignment_hash
-from imgcls.evaluation.latency import METRIC_LATENCY
 
 logger = logging.getLogger(__name__)
 
