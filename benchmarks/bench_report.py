@@ -192,6 +192,8 @@ def phone_rows(steps: dict[str, Any]) -> list[str]:
         f"| decode to 160 px (ms) | {ISSUE_TODAY_MS['decode']:.0f} | "
         f"{ms(decode.get('today_path_ms_per_image'))} | {ms(decode.get('decode_ms_per_image'))} | "
         f"{ms(decode.get('pool_ms_per_image'))} ({decode.get('workers', '-')} threads) |",
+        f"| of which Pillow's scaled decode alone (ms) | - | - | "
+        f"{ms(decode.get('pillow_decode_ms_per_image'))} | - |",
         f"| forward pass, floor (ms) | {ISSUE_TODAY_MS['forward']:.0f} | - | "
         f"{ms(per_image(floor))} | - |",
         f"| cold frozen strategy, whole CV (ms) | - | - | {ms(per_image(cold))} | - |",
