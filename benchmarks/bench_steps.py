@@ -376,7 +376,7 @@ def step_ours_finetune(cfg: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from imgcls.data.folders import assign_folds
+    from imgcls.data.folds import assign_folds
     from imgcls.modeling.crossval import prepare_inputs
     from imgcls.modeling.training import train_rows
 

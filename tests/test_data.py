@@ -23,16 +23,15 @@ from imgcls.data.cache import (
 )
 from imgcls.data.folders import (
     DataError,
-    assign_folds,
     check_same_classes,
     data_version,
     directory_md5,
     expected_data_md5,
-    fold_assignment_hash,
     is_ignored,
     require_split,
     scan_image_folder,
 )
+from imgcls.data.folds import assign_folds, fold_assignment_hash
 from imgcls.data.images import ImageReadError, load_rgb
 from imgcls.modeling.features import cached_features
 

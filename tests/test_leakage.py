@@ -26,7 +26,8 @@ from imgcls.data.duplicates import (
     near_pairs,
     test_images_with_train_copies,
 )
-from imgcls.data.folders import DataError, assign_folds, scan_image_folder
+from imgcls.data.folders import DataError, scan_image_folder
+from imgcls.data.folds import assign_folds
 
 SIZE = 96
 _ORIENTATION = 0x0112

@@ -4,7 +4,7 @@ A near-duplicate is a resized, re-encoded, slightly brightened, slightly cropped
 mirrored copy of a photo. Scored as validation or test data it measures memory, not generalisation, so:
 
 - :func:`fold_groups` gives every training image the id of its near-duplicate group, and
-  :func:`imgcls.data.folders.assign_folds` keeps each group inside one fold;
+  :func:`imgcls.data.folds.assign_folds` keeps each group inside one fold;
 - :func:`near_duplicates` lists the groups of both splits (notebook 01), and
   :func:`test_images_with_train_copies` names the test images with a near-copy in training, so
   test accuracy can be reported with and without them (notebook 03).
@@ -53,7 +53,8 @@ import pandas as pd
 
 from imgcls.data import images, validation
 from imgcls.data.arrays import PAIR_BLOCK, rows_per_block
-from imgcls.data.folders import ImageFolder, assign_folds, scan_image_folder
+from imgcls.data.folders import ImageFolder, scan_image_folder
+from imgcls.data.folds import assign_folds
 
 # defined next to the decode that hashes (validation); re-exported as part of this module's API
 from imgcls.data.validation import HASH_READ_SIZE, HASH_SIZE  # noqa: F401
@@ -192,7 +193,7 @@ def group_ids(hashes: np.ndarray, max_distance: int = MAX_DISTANCE) -> np.ndarra
 def fold_groups(folder: ImageFolder, max_distance: int = MAX_DISTANCE) -> np.ndarray:
     """Return the near-duplicate group (int64, shape [N]) of each image of a training split.
 
-    What :func:`imgcls.data.folders.assign_folds` takes as ``groups`` so that every near-copy
+    What :func:`imgcls.data.folds.assign_folds` takes as ``groups`` so that every near-copy
     of an image is in the same fold. Hashes come from :func:`folder_hashes` (recorded).
     """
     return group_ids(folder_hashes(folder), max_distance)
@@ -202,7 +203,7 @@ def split_folds(folder: ImageFolder, folds: int, seed: int) -> np.ndarray:
     """Return the fold (int64, shape [N]) of each image of a training split: the one rule.
 
     Stratified group k-fold with every near-duplicate group of :func:`fold_groups` inside one
-    fold (:func:`imgcls.data.folders.assign_folds`). Cross-validation, notebook 01's fold
+    fold (:func:`imgcls.data.folds.assign_folds`). Cross-validation, notebook 01's fold
     table and the plan's incumbent check all call this, so they always agree. Raises DataError
     as ``assign_folds`` does (more folds than a class has groups).
     """

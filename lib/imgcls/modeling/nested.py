@@ -31,7 +31,8 @@ from torch import nn
 from imgcls.core.config import ConfigError, Strategy
 from imgcls.core.strategy import ensemble_problem
 from imgcls.data.duplicates import fold_groups
-from imgcls.data.folders import ImageFolder, assign_folds
+from imgcls.data.folders import ImageFolder
+from imgcls.data.folds import assign_folds
 from imgcls.modeling.features import cached_features
 from imgcls.modeling.training import TrainingInputs, predict_rows, train_rows
 
@@ -122,7 +123,7 @@ class FoldScorer:
     def inner_ensemble(self, train_idx: torch.Tensor, val_idx: torch.Tensor) -> torch.Tensor:
         """Return ``[len(val_idx), C]``: the mean probabilities of k models trained on ``train_idx``.
 
-        The k inner folds split ``train_idx`` by :func:`imgcls.data.folders.assign_folds` with the
+        The k inner folds split ``train_idx`` by :func:`imgcls.data.folds.assign_folds` with the
         strategy's fold count and seed and the near-duplicate groups; inner model ``j`` trains on
         the other inner folds with early stopping on fold ``j`` and seed ``seed + j``, as
         cross-validation trains the fold models the served ensemble averages. No row of

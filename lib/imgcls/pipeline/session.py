@@ -27,10 +27,10 @@ from imgcls.core.config import Strategy, check_against_data, strategy_from_dict
 from imgcls.data.folders import (
     ImageFolder,
     data_version,
-    fold_assignment_hash,
     require_split,
     scan_image_folder,
 )
+from imgcls.data.folds import fold_assignment_hash
 from imgcls.modeling import seeds
 from imgcls.modeling.checkpoint import save_checkpoint
 from imgcls.modeling.crossval import CVResult, cross_validate, prepare_inputs, refit
@@ -122,7 +122,7 @@ class TrainingSession:
 
         Each fold run is a child of the parent run (``mlflow.start_run(parent_run_id=...)``),
         named ``<grid point>-fold<k>``, with the train split as its training dataset. The parent
-        gets param ``fold_assignment`` (:func:`imgcls.data.folders.fold_assignment_hash`).
+        gets param ``fold_assignment`` (:func:`imgcls.data.folds.fold_assignment_hash`).
         """
         self.inputs, setup = prepare_inputs(
             self.strategy, self.folder, self.data_md5, self.device, progress

@@ -39,7 +39,7 @@ from imgcls.selection.promotion import with_holm
 logger = logging.getLogger(__name__)
 
 # PARAM_FOLD_ASSIGNMENT: the MLflow param of a grid-point run naming its folds
-# (imgcls.data.folders.fold_assignment_hash): fold scores of two runs are paired only when both
+# (imgcls.data.folds.fold_assignment_hash): fold scores of two runs are paired only when both
 # carry the same value. Re-exported here with CHAMPION_ALIAS and INCUMBENT_POINT.
 __all__ = ["CHAMPION_ALIAS", "INCUMBENT_POINT", "PARAM_FOLD_ASSIGNMENT", "GridComparison"]
 _current_champion = current_champion

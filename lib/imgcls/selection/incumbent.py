@@ -3,7 +3,7 @@
 Two moments. At plan time (:func:`plan_incumbent`, called by :mod:`imgcls.pipeline.plan`) the
 runner asks whether the incumbent's logged fold scores can be paired with this grid's: only when
 its run has this grid's data version (tag ``data_md5``) and fold assignment (param
-``fold_assignment``, :func:`imgcls.data.folders.fold_assignment_hash`). Otherwise the grid gets
+``fold_assignment``, :func:`imgcls.data.folds.fold_assignment_hash`). Otherwise the grid gets
 one extra grid point named ``incumbent``: the incumbent's logged strategy (validated by the
 project's strategy parser) with this grid's folds and seed, trained and evaluated like any other
 point. At comparison time (:func:`incumbent_fold_scores`, notebook 04) its fold scores are taken
@@ -28,13 +28,14 @@ from imgcls import tracking
 from imgcls.core.config import TUNABLE_FIELDS, ConfigError, Strategy, strategy_from_dict
 from imgcls.core.names import METRIC_LATENCY
 from imgcls.data import duplicates
-from imgcls.data.folders import ImageFolder, fold_assignment_hash
+from imgcls.data.folders import ImageFolder
+from imgcls.data.folds import fold_assignment_hash
 
 logger = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
 INCUMBENT_POINT = "incumbent"  # the grid point (and strategy name) of a re-trained incumbent
-PARAM_FOLD_ASSIGNMENT = "fold_assignment"  # see imgcls.data.folders.fold_assignment_hash
+PARAM_FOLD_ASSIGNMENT = "fold_assignment"  # see imgcls.data.folds.fold_assignment_hash
 TAG_DATA_MD5 = "data_md5"
 TAG_INCUMBENT_MODEL = "incumbent_model"  # on an ``incumbent`` grid-point run: whose champion
 TAG_INCUMBENT_VERSION = "incumbent_version"
@@ -136,8 +137,8 @@ def fold_assignment_of(folder: ImageFolder, folds: int, seed: int) -> str:
 
     The same call as :func:`imgcls.modeling.crossval.cross_validate` (stratified group k-fold,
     near-duplicate groups from :func:`imgcls.data.duplicates.fold_groups`), named by
-    :func:`imgcls.data.folders.fold_assignment_hash`. Raises DataError as
-    :func:`~imgcls.data.folders.assign_folds` does.
+    :func:`imgcls.data.folds.fold_assignment_hash`. Raises DataError as
+    :func:`~imgcls.data.folds.assign_folds` does.
     """
     return fold_assignment_hash(folder.relpaths(), duplicates.split_folds(folder, folds, seed))
 
