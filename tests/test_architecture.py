@@ -115,3 +115,25 @@ def test_runner_plans_a_grid_without_importing_training_libraries(tmp_path):
         f"{sorted(set(KERNEL_ONLY_MODULES) & set(loaded))}; run "
         "`python -X importtime run_experiments.py --dry-run` to find the import chain"
     )
+
+
+def test_summary_page_and_selection_load_without_torch():
+    """The runner renders the summary page and plans promotion: neither may pull torch in."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "import imgcls.selection.comparison, imgcls.selection.incumbent\n"
+        "import imgcls.selection.promotion, imgcls.reporting.summary_page\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = set(json.loads(result.stdout.splitlines()[-1]))
+    assert not loaded & {"torch", "torchvision", "timm"}, sorted(
+        loaded & {"torch", "torchvision", "timm"}
+    )

@@ -14,11 +14,15 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from imgcls.modeling.training import TrainingInputs, train_rows
+if TYPE_CHECKING:
+    from imgcls.modeling.training import TrainingInputs
+
+# torch and the training loop are imported where a repetition trains: the metric names here are
+# read by imgcls.selection in the runner, which must not load torch (tests/test_architecture.py).
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,10 @@ def seed_fold_scores(
     Raises ValueError when ``assignment`` does not match the inputs' rows or has fewer than 2
     folds.
     """
+    import torch
+
+    from imgcls.modeling.training import train_rows
+
     assignment = np.asarray(assignment)
     if assignment.shape != (len(inputs.labels),):
         raise ValueError(
