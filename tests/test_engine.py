@@ -60,6 +60,32 @@ def test_second_notebook_reuses_the_kernel_but_sees_no_variable_of_the_first(tmp
     assert one["pid"] == two["pid"], "the warm kernel was not reused"
 
 
+def test_a_notebooks_cyclic_garbage_is_collected_by_the_next_reset(tmp_path, warm):
+    """The frozen generation holds only what survived a reset: a notebook's cycles still go."""
+    first = _notebook(
+        tmp_path / "a.ipynb",
+        "import sys, weakref\n"
+        "class Node:\n    pass\n"
+        "secret_node = Node()\nsecret_node.me = secret_node  # a cycle: refcounting cannot free it\n"
+        "sys.imgcls_probe = weakref.ref(secret_node)",
+        REPORT,
+    )
+    second = _notebook(
+        tmp_path / "b.ipynb",
+        "import json, sys\nprint(json.dumps({'alive': sys.imgcls_probe() is not None}))",
+    )
+    third = _notebook(
+        tmp_path / "c.ipynb",
+        "secret_node = type('Node', (), {})()\nsecret_node.me = secret_node\n"
+        "import sys, weakref\nsys.imgcls_probe = weakref.ref(secret_node)",
+        REPORT,
+    )
+    _run(first, tmp_path / "a_out.ipynb")
+    assert _run(second, tmp_path / "b_out.ipynb") == {"alive": False}
+    _run(third, tmp_path / "c_out.ipynb")  # made after a freeze: collected by the next reset too
+    assert _run(second, tmp_path / "d_out.ipynb") == {"alive": False}
+
+
 def test_a_failed_notebook_discards_the_kernel_and_names_the_cell(tmp_path, warm):
     before = _run(_notebook(tmp_path / "a.ipynb", REPORT), tmp_path / "a_out.ipynb")
     failing = _notebook(tmp_path / "bad.ipynb", "x = 1", "raise KeyError('no such class')")

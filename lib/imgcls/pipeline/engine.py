@@ -8,6 +8,8 @@ argument. (Not through the ``papermill.engine`` entry point: papermill loads tho
 ``engines`` module is still importing, which this module imports, a circular import.)
 Before each notebook it clears the user namespace with IPython's ``%reset -f``: no variable
 survives from one notebook to the next, and each notebook still reads its inputs from MLflow.
+What survives the reset's garbage collection is then frozen (``gc.freeze``), so that the next
+reset's collection costs milliseconds instead of half a second.
 A failed or interrupted notebook discards the kernel (its process is killed directly, never
 through the interrupted event loop); the next notebook starts a new one.
 
@@ -96,8 +98,20 @@ def warm_kernel(kernel_name: str = KERNEL_NAME) -> Any:
     return km
 
 
+# IPython's ``%reset -f`` ends in a full ``gc.collect()`` (``DisplayHook.flush``): 0.5 s per
+# notebook in a kernel holding torch, timm, MLflow and matplotlib, even with an empty namespace.
+# ``gc.freeze()`` (Python's documented API for long-lived objects,
+# https://docs.python.org/3/library/gc.html#gc.freeze) then moves what survived that collection
+# (modules and library state) to the permanent generation, so the next reset's collection visits
+# only the objects the last notebook made: 0.5 s -> 0.009 s per reset (measured 2026-11-30). A
+# notebook's own cyclic garbage is still collected by the next reset (tests/test_engine.py).
+RESET_CODE = "get_ipython().run_line_magic('reset', '-f'); __import__('gc').freeze()"
+
+
 def reset_namespace(km: Any) -> None:
     """Clear every user variable and cached output of a warm kernel (IPython's ``%reset -f``).
+
+    Then freezes the survivors of the reset's garbage collection (:data:`RESET_CODE`).
 
     One client per warm kernel is kept open (a new one waits ~0.2 s for the kernel to answer). It
     has its own session, so its replies are never routed to papermill's client or vice versa.
@@ -122,7 +136,7 @@ def reset_namespace(km: Any) -> None:
         client.wait_for_ready(timeout=120)
         _WARM["client"] = client
     reply = client.execute_interactive(
-        "%reset -f", timeout=120, store_history=False, output_hook=lambda message: None
+        RESET_CODE, timeout=120, store_history=False, output_hook=lambda message: None
     )
     if reply["content"]["status"] != "ok":
         raise RuntimeError(f"could not reset the kernel namespace: {reply['content']}")
