@@ -285,24 +285,37 @@ def test_decoding_first_or_beside_the_forward_pass_gives_the_same_features(
 ):
     import torch
 
-    from imgcls.data.cache import decode_workers, free_cores
+    import imgcls.modeling.features as features_module
+    from imgcls.data.cache import DecodedImages, decode_workers, free_cores
     from imgcls.data.images import usable_cores
 
+    decoders: list[int] = []  # the decode threads each cold cached_features call started
+
+    class RecordingDecodedImages(DecodedImages):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            decoders.append(self.workers)
+
+    monkeypatch.setattr(features_module, "DecodedImages", RecordingDecodedImages)
     folder = scan_image_folder(image_dataset / "train")
     md5 = data_version(image_dataset)
+    cpu = torch.device("cpu")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(usable_cores())  # torch on every core: no core free, decode first
         assert free_cores("cpu") == 0 and decode_workers("cpu") == 1
         assert free_cores("cuda") == usable_cores() - 1  # one thread queues the CUDA kernels
-        first, hit = cached_features(folder, "resnet18", "none", 32, md5)
+        first, hit = cached_features(folder, "resnet18", "none", 32, md5, device=cpu)
         assert not hit
         monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "other-cache"))
         torch.set_num_threads(1)  # a core free wherever there are two: decode beside
-        beside, hit = cached_features(folder, "resnet18", "none", 32, md5)
+        beside, hit = cached_features(folder, "resnet18", "none", 32, md5, device=cpu)
         assert not hit
+        free = free_cores("cpu")
     finally:
         torch.set_num_threads(threads)
+    # decode first: every core decodes; beside: only the cores the forward pass leaves free
+    assert decoders == [usable_cores(), free if free >= 1 else usable_cores()]
     np.testing.assert_allclose(first, beside, rtol=0, atol=1e-5)  # thread counts may reorder sums
 
 

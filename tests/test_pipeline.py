@@ -54,6 +54,7 @@ def grid_run(tmp_path_factory):
         "IMGCLS_REPORTS_DIR": str(tmp / "reports"),
         "IMGCLS_ARTIFACT_ROOT": str(tmp / "artifacts"),
         "IMGCLS_CACHE_DIR": str(tmp / "cache"),
+        "IMGCLS_WARM_KERNEL": "1",  # the runner's own default, whatever the caller's shell says
     }
     args = [
         "--grid",

@@ -60,7 +60,7 @@ def _kernel_process(km: Any) -> Any:
 def shutdown_kernel() -> int | None:
     """Kill this process's warm kernel, if one is running, and remove its connection file.
 
-    Returns the killed kernel's process id, or None when no kernel was running. The kernel
+    Returns the killed kernel's process id, or None when no kernel process was alive. The kernel
     process is killed directly: after an interrupt, jupyter_client's own (async) shutdown would
     run on nbclient's interrupted event loop and can wait forever.
     """
@@ -98,14 +98,21 @@ def warm_kernel(kernel_name: str = KERNEL_NAME) -> Any:
     return km
 
 
-# IPython's ``%reset -f`` ends in a full ``gc.collect()`` (``DisplayHook.flush``): 0.5 s per
-# notebook in a kernel holding torch, timm, MLflow and matplotlib, even with an empty namespace.
+# IPython's ``%reset -f`` runs full ``gc.collect()`` passes (``DisplayHook.flush`` before the
+# namespace is cleared, the reset magic after it): 0.5 s per notebook in a kernel holding torch,
+# timm, MLflow and matplotlib, even with an empty namespace. Our own ``gc.collect()`` after the
+# reset makes sure the last notebook's cyclic garbage is gone whatever IPython's version does;
 # ``gc.freeze()`` (Python's documented API for long-lived objects,
-# https://docs.python.org/3/library/gc.html#gc.freeze) then moves what survived that collection
-# (modules and library state) to the permanent generation, so the next reset's collection visits
-# only the objects the last notebook made: 0.5 s -> 0.009 s per reset (measured 2026-11-30). A
-# notebook's own cyclic garbage is still collected by the next reset (tests/test_engine.py).
-RESET_CODE = "get_ipython().run_line_magic('reset', '-f'); __import__('gc').freeze()"
+# https://docs.python.org/3/library/gc.html#gc.freeze) then moves what survived (modules and
+# library state) to the permanent generation, so the next reset's collections visit only the
+# objects the last notebook made: 0.5 s -> 0.009 s per reset (measured 2026-11-30). The cost: an
+# object that survives a reset (a library cache entry, an unclosed figure) and later becomes
+# *cyclic* garbage is not freed while the kernel lives; reference-counted garbage always is. A
+# notebook's own cycles are collected (tests/test_engine.py).
+RESET_CODE = (
+    "get_ipython().run_line_magic('reset', '-f'); "
+    "__import__('gc').collect(); __import__('gc').freeze()"
+)
 
 
 def reset_namespace(km: Any) -> None:
