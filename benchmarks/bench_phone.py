@@ -141,10 +141,10 @@ def _pillow_scaled_decode(path: Path, size: int) -> None:
     """Pillow's own decode at the DCT scale ``read_image`` picks for ``size``: the library floor."""
     from PIL import Image
 
-    from imgcls.data.images import DRAFT_REDUCING_GAP
+    from imgcls.data.images import draft_box
 
     with Image.open(path) as img:
-        img.draft(None, (DRAFT_REDUCING_GAP * size, DRAFT_REDUCING_GAP * size))
+        img.draft(None, draft_box(size))
         img.load()
 
 

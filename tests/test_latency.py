@@ -10,8 +10,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from imgcls import tracking
+from imgcls.core.names import METRIC_LATENCY
 from imgcls.evaluation.evaluate import EvaluationSession
-from imgcls.evaluation.latency import METRIC_LATENCY, latency_ms_per_image
+from imgcls.evaluation.latency import latency_ms_per_image
 from imgcls.modeling.models import build_classifier
 from imgcls.selection.incumbent import run_cost
 from tests.conftest import write_dataset

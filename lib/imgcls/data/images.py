@@ -174,11 +174,18 @@ def read_image(
     file; more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb limit); and a
     missing or unreadable file (the OS reason is given).
     """
-    draft = None
-    if target_size:
-        wanted = DRAFT_REDUCING_GAP * target_size
-        draft = (wanted, wanted)
+    draft = draft_box(target_size) if target_size else None
     return _read(source, _describe(source, name), draft, min_short_side=2 * (draft or (0, 0))[0])
+
+
+def draft_box(target_size: int) -> tuple[int, int]:
+    """Return the ``(width, height)`` in pixels :func:`read_image` asks Pillow's ``draft`` for.
+
+    ``DRAFT_REDUCING_GAP * target_size`` on both sides: the DCT scale libjpeg picks keeps both
+    sides at or above it (a JPEG with a short side under twice that is not drafted at all).
+    """
+    wanted = DRAFT_REDUCING_GAP * target_size
+    return wanted, wanted
 
 
 def _read(

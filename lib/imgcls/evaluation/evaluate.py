@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from imgcls import tracking
 from imgcls.core import names
+from imgcls.core.names import METRIC_LATENCY
 from imgcls.data import duplicates
 from imgcls.data.arrays import take_rows
 from imgcls.data.cache import decoded_images
@@ -38,7 +39,7 @@ from imgcls.data.folders import (
 )
 from imgcls.data.images import load_rgb
 from imgcls.evaluation import metrics
-from imgcls.evaluation.latency import METRIC_LATENCY, latency_ms_per_image
+from imgcls.evaluation.latency import latency_ms_per_image
 from imgcls.modeling.checkpoint import (
     head_from_checkpoint,
     load_checkpoint,

@@ -17,13 +17,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from imgcls.core.names import METRIC_LATENCY
 from imgcls.modeling.features import amp_context, pick_device, to_model_input
 from imgcls.modeling.models import Preprocessing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRIC_LATENCY", "latency_ms_per_image"]
 WARMUP_PASSES = 3
 MAX_TIMED_IMAGES = 32
 

@@ -236,8 +236,8 @@ def cached_features(
     backbone is built and, on the cores the forward pass on ``device`` leaves free
     (:func:`~imgcls.data.cache.free_cores`), while it embeds the rows decoded so far; with no
     core free, on every core before the forward pass starts. ``device`` None means
-    :func:`pick_device`'s choice. Features computed under CUDA autocast differ from float32 ones in the 3rd-4th digit, so the autocast dtype is part of
-    the cache key (float32 keys are unchanged, so existing CPU caches stay valid). The features
+    :func:`pick_device`'s choice. Features computed under CUDA autocast differ from float32 ones
+    in the 3rd-4th digit, so the autocast dtype is part of the cache key (float32 keys are unchanged, so existing CPU caches stay valid). The features
     are written to the cache file block by block (:func:`embed_batches`) and returned as its
     read-only memory map. Raises :class:`imgcls.data.images.ImageReadError` naming an unreadable
     file.
