@@ -75,7 +75,8 @@ def test_every_layer_exists():
 
 # What the runner process may not import: it sits beside every kernel for the whole grid, so
 # whatever it holds adds to the grid's peak memory (torch alone: ~490 MB of RSS, 1.8 s of start-up).
-KERNEL_ONLY_MODULES = ("torch", "torchvision", "timm", "matplotlib", "sklearn")
+TRAINING_LIBRARIES = ("torch", "torchvision", "timm")
+KERNEL_ONLY_MODULES = (*TRAINING_LIBRARIES, "matplotlib", "sklearn")
 
 
 def test_runner_plans_a_grid_without_importing_training_libraries(tmp_path):
@@ -134,6 +135,4 @@ def test_summary_page_and_selection_load_without_torch():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = set(json.loads(result.stdout.splitlines()[-1]))
-    assert not loaded & {"torch", "torchvision", "timm"}, sorted(
-        loaded & {"torch", "torchvision", "timm"}
-    )
+    assert not loaded & set(TRAINING_LIBRARIES), sorted(loaded & set(TRAINING_LIBRARIES))
