@@ -103,6 +103,24 @@ def test_warm_kernel_is_stopped_after_the_last_notebook_before_the_summary_page(
     assert out.index("04_compare_runs done") < stopped.start() < out.index("one-file summary")
 
 
+def test_the_validation_pass_decodes_the_models_inputs_and_no_notebook_decodes_again(grid_run):
+    """One decode per photo: the runner's validation pass fills the decoded-image cache of both
+    splits, and notebooks 02 and 03 (keyed by the same data version) only read it."""
+    out = grid_run["first"].stdout
+    written = []
+    for split, count in (("train", 20), ("test", 8)):
+        line = re.search(
+            rf"decoded {count} {split} images for the model at 32 px in the "
+            r"validation pass: (\S+\.npy)",
+            out,
+        )
+        assert line, out[:3000]
+        written.append(Path(line.group(1)))
+    decoded = sorted((grid_run["tmp"] / "cache" / "decoded").glob("*.npy"))
+    assert decoded == sorted(written)
+    assert "decoded" not in grid_run["second"].stdout.split("plan:")[0]  # nothing new to decode
+
+
 def test_parent_and_child_runs_carry_lineage(grid_run):
     client = MlflowClient()
     frozen = [r for r in _runs("grid_point") if r.data.tags["strategy"] == "frozen"]

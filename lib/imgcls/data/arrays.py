@@ -131,8 +131,15 @@ class NpyStream:
         except OSError as exc:
             raise _cache_error(exc, self.path) from exc
 
-    def publish(self) -> np.memmap:
-        """Rename the finished file onto :attr:`path`; return it as a read-only memory map."""
+    def publish(self, path: Path | None = None) -> np.memmap:
+        """Rename the finished file onto ``path`` (default :attr:`path`); return it memory-mapped.
+
+        ``path`` is for a stream whose final name was not known when it began (its key needed
+        what the stream's own pass found); it should be in the same folder as :attr:`path`, so
+        the rename stays atomic. The memory map is read-only.
+        """
+        if path is not None:
+            self.path = path
         os.close(self._fd)
         self._fd = -1
         try:

@@ -88,7 +88,7 @@ def hash_record_file(folder: Path) -> Path:
     return validation.validation_record_file(folder)
 
 
-def folder_hashes(folder: ImageFolder) -> np.ndarray:
+def folder_hashes(folder: ImageFolder, sink: validation.DecodeSink | None = None) -> np.ndarray:
     """Return the pHash pairs (uint64, shape [N, 2]) of the N images of ``folder``, in order.
 
     Column 0 is each image's pHash, column 1 that of its left-right mirror image
@@ -98,9 +98,10 @@ def folder_hashes(folder: ImageFolder) -> np.ndarray:
     the scan that listed them) are not read again; the others are validated and hashed in one
     decode each on every usable core and recorded (files modified in the last
     :data:`imgcls.data.validation.RACY_MTIME_SECONDS` are hashed but not recorded). Raises
-    :class:`imgcls.data.images.ImageReadError` naming a file that cannot be read.
+    :class:`imgcls.data.images.ImageReadError` naming a file that cannot be read. The images
+    decoded also go to ``sink`` (:class:`imgcls.data.validation.DecodeSink`).
     """
-    values = validation.recorded_hashes(Path(folder.root), list(folder.paths))
+    values = validation.recorded_hashes(Path(folder.root), list(folder.paths), sink)
     return np.array(values, dtype=np.uint64).reshape(-1, 2)
 
 

@@ -141,7 +141,10 @@ _relpath = validation.relative_posix
 
 
 def scan_image_folder(
-    folder: str | Path, validate: bool = True, skip_bad: bool = False
+    folder: str | Path,
+    validate: bool = True,
+    skip_bad: bool = False,
+    sink: validation.DecodeSink | None = None,
 ) -> ImageFolder:
     """Scan ``folder/<class>/*`` into an ImageFolder.
 
@@ -150,7 +153,8 @@ def scan_image_folder(
     that read are recorded, so an unchanged data version is validated once. Bad files raise a
     DataError listing each path and reason, unless ``skip_bad`` is true, in which case they are
     left out and listed in ``ImageFolder.skipped``. An empty class, or fewer than two classes,
-    is an error (DataError).
+    is an error (DataError). The images validation decodes also go to ``sink``
+    (:class:`imgcls.data.validation.DecodeSink`; see :class:`imgcls.data.cache.DecodePrimer`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -173,7 +177,10 @@ def scan_image_folder(
     if validate:
         todo = [p for p, _ in listed if p not in problems]
         problems.update(
-            {p: BadImage(p, r) for p, r in validation.validate_new_files(folder, todo).items()}
+            {
+                p: BadImage(p, r)
+                for p, r in validation.validate_new_files(folder, todo, sink).items()
+            }
         )
     files: list[Path] = []
     labels: list[int] = []

@@ -63,6 +63,10 @@ READER_RULES = 1
 
 _WHITE = (255, 255, 255)
 
+# What Pillow raises for a file it cannot read: truncated data as OSError, bad headers as
+# SyntaxError/ValueError, malformed EXIF or tile tables as EOFError/IndexError/KeyError.
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError)
+
 
 class ImageReadError(ValueError):
     """An image could not be read; ``source`` names the file (or input) and ``reason`` says why."""
@@ -174,8 +178,16 @@ def read_image(
     file; more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb limit); and a
     missing or unreadable file (the OS reason is given).
     """
-    draft = draft_box(target_size) if target_size else None
-    return _read(source, _describe(source, name), draft, min_short_side=2 * (draft or (0, 0))[0])
+    draft, min_short_side = _model_draft(target_size)
+    return _read(source, _describe(source, name), draft, min_short_side)
+
+
+def _model_draft(target_size: int | None) -> tuple[tuple[int, int] | None, int]:
+    """Return ``(draft box, minimum short side to draft)`` of :func:`read_image` for a model size."""
+    if not target_size:
+        return None, 0
+    draft = draft_box(target_size)
+    return draft, DRAFT_REDUCING_GAP * draft[0]
 
 
 def draft_box(target_size: int) -> tuple[int, int]:
@@ -198,8 +210,7 @@ def _read(
             if limit and img.width * img.height > limit:
                 raise ImageReadError(label, _bomb_reason(img.width * img.height, limit))
             img.seek(0)  # multi-frame files: the first frame
-            if draft and img.format == "JPEG" and min(img.size) >= min_short_side:
-                img.draft(None, draft)
+            _apply_draft(img, draft, min_short_side)
             img.load()
             upright = ImageOps.exif_transpose(img)
             return to_rgb(upright).copy()
@@ -214,11 +225,52 @@ def _read(
         raise ImageReadError(label, _corrupt_or_foreign(source)) from exc
     except FileNotFoundError as exc:
         raise ImageReadError(label, "file not found") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as exc:
-        # Pillow reports truncated data as OSError, bad headers as SyntaxError/ValueError, and
-        # malformed EXIF or tile tables as EOFError/IndexError/KeyError.
+    except _PILLOW_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
         raise ImageReadError(label, f"corrupt or truncated image ({reason})") from exc
+
+
+def _apply_draft(img: Image.Image, draft: tuple[int, int] | None, min_short_side: int) -> None:
+    """Ask Pillow to decode a JPEG whose short side is >= ``min_short_side`` at ``draft``'s scale.
+
+    The one place the draft rule is applied: :func:`_read` before decoding, and
+    :func:`_decode_size` on a header only. Pillow's ``JpegImageFile.draft`` picks the largest
+    of 1/8, 1/4, 1/2 (else 1/1) that keeps both sides >= the box; other formats are untouched.
+    """
+    if draft and img.format == "JPEG" and min(img.size) >= min_short_side:
+        img.draft(None, draft)
+
+
+def _decode_size(path: Path, draft: tuple[int, int] | None, min_short_side: int) -> tuple[int, int]:
+    """Return the (width, height) :func:`_read` decodes ``path`` to, before EXIF orientation.
+
+    Reads the header only (Pillow's ``draft`` sets the DCT scale without decoding).
+    """
+    with Image.open(path) as img:
+        _apply_draft(img, draft, min_short_side)
+        return img.size
+
+
+def load_rgb_reusing(path: Path, checked: Image.Image, image_size: int) -> np.ndarray:
+    """Return exactly ``load_rgb(path, image_size)``, from the validation decode where it can.
+
+    ``checked`` is the image :func:`read_for_checks` returned for ``path``. When
+    :func:`read_image` would decode the file at the same size (same DCT scale: a 12-megapixel
+    JPEG for a model of up to 189 px is decoded at 1/8 both ways; a PNG in full both ways), the
+    model input is fitted from ``checked`` and the file is not decoded again; otherwise it is
+    read again at the model's scale. Either way the result is the uint8 ``[S, S, 3]`` array
+    :func:`load_rgb` gives (``tests/test_decode_once.py`` checks equality). Two header reads
+    (about 0.1 ms each) decide. Raises :class:`ImageReadError` naming the file when it must be
+    read again and no longer reads.
+    """
+    draft, min_short_side = _model_draft(image_size)
+    try:
+        same = _decode_size(path, draft, min_short_side) == _decode_size(path, _VALIDATION_DRAFT, 0)
+    except _PILLOW_ERRORS:  # changed since it was checked: load_rgb names the file and reason
+        same = False
+    if same:
+        return fit_square(checked, image_size)
+    return load_rgb(path, image_size)
 
 
 def fit_square(img: Image.Image, image_size: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import PIL
 from PIL import Image
@@ -50,6 +51,23 @@ HASH_READ_SIZE = 4 * HASH_SIZE
 # Part of the reader identity: version 2 records also hold the mirror image's pHash ("mirror"),
 # so a record written before it (no "mirror") is not reused: its files are hashed again.
 RECORD_FORMAT = 2
+
+
+class DecodeSink(Protocol):
+    """Receives the images a validation pass decodes, so that nothing decodes them again.
+
+    :class:`imgcls.data.cache.DecodePrimer` fills the model's decoded-image cache from them.
+    """
+
+    def start(self, files: list[Path]) -> None:
+        """Called once, before decoding, with the files the pass will decode, in order."""
+
+    def add(self, index: int, path: Path, image: Image.Image) -> None:
+        """Called from a decoding thread for ``files[index]`` once it read and hashed as an image.
+
+        ``image`` is :func:`imgcls.data.images.read_for_checks`' upright RGB image; it must not
+        be modified. Bad files are never added.
+        """
 
 
 def _file_stamp(path: Path) -> FileStamp | None:
@@ -116,17 +134,23 @@ def phash_pair(img: Image.Image) -> HashPair:
     )
 
 
-def check_and_hash(path: Path) -> tuple[str | None, HashPair | None]:
+def check_and_hash(
+    path: Path, sink: DecodeSink | None = None, index: int = 0
+) -> tuple[str | None, HashPair | None]:
     """Decode ``path`` once (:func:`imgcls.data.images.read_for_checks`); return (reason, hashes).
 
     ``(None, (pHash, mirror pHash))`` (:func:`phash_pair`) for a readable image,
     ``(reason, None)`` (one phrase naming the problem) for a file that cannot be used as an image.
+    A readable image is also handed to ``sink`` as row ``index`` (:meth:`DecodeSink.add`).
     """
     try:
         img = images.read_for_checks(path)
     except images.ImageReadError as exc:
         return exc.reason, None
-    return None, phash_pair(img)
+    hashes = phash_pair(img)
+    if sink is not None:
+        sink.add(index, path, img)
+    return None, hashes
 
 
 def load_checked(folder: Path) -> dict[str, Checked]:
@@ -209,19 +233,30 @@ def _remove_orphan_records(records: Path) -> None:
                 record.unlink()
 
 
-def _check_all(files: list[Path]) -> list[tuple[str | None, HashPair | None]]:
-    """Validate and hash ``files`` on every usable core (Pillow decodes without the GIL), in order."""
+def _check_all(
+    files: list[Path], sink: DecodeSink | None = None
+) -> list[tuple[str | None, HashPair | None]]:
+    """Validate and hash ``files`` on every usable core (Pillow decodes without the GIL), in order.
+
+    With a ``sink``, :meth:`DecodeSink.start` is told the files first and each readable image is
+    handed to it (row = its position in ``files``).
+    """
+    if sink is not None:
+        sink.start(files)
     workers = min(images.usable_cores(), len(files))
+    sinks, rows = [sink] * len(files), range(len(files))
     if workers <= 1:
-        return [check_and_hash(path) for path in files]
+        return list(map(check_and_hash, files, sinks, rows))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="validate") as pool:
-        return list(pool.map(check_and_hash, files))
+        return list(pool.map(check_and_hash, files, sinks, rows))
 
 
 def _check_new(
-    folder: Path, candidates: list[Path], keep_others: bool
+    folder: Path, candidates: list[Path], keep_others: bool, sink: DecodeSink | None = None
 ) -> tuple[dict[Path, str], dict[Path, HashPair]]:
     """Check the candidates not recorded; record the good ones; return (bad, hashes).
+
+    The files decoded here (those not recorded) go to ``sink`` (:func:`_check_all`) as well.
 
     ``bad`` maps each unusable file to its reason, ``hashes`` each good file to its pHash pair
     (:func:`phash_pair`; from the record or from this decode). Good files modified more than :data:`RACY_MTIME_SECONDS`
@@ -244,7 +279,7 @@ def _check_new(
     bad = {}
     if todo:
         start = time.perf_counter()
-        for path, (problem, value) in zip(todo, _check_all(todo), strict=True):
+        for path, (problem, value) in zip(todo, _check_all(todo, sink), strict=True):
             if problem or value is None:
                 bad[path] = problem or "unreadable"
             else:
@@ -268,26 +303,32 @@ def _check_new(
     return bad, hashes
 
 
-def validate_new_files(folder: Path, candidates: list[Path]) -> dict[Path, str]:
+def validate_new_files(
+    folder: Path, candidates: list[Path], sink: DecodeSink | None = None
+) -> dict[Path, str]:
     """Validate (and hash) the candidates not recorded as validated; record the good ones.
 
     Returns ``path -> reason`` (one phrase from :func:`check_and_hash`) for every bad file; good
     files modified more than :data:`RACY_MTIME_SECONDS` ago are recorded with their pHash. The
-    record then holds exactly the good candidates.
+    record then holds exactly the good candidates. The images decoded (candidates not recorded
+    before) also go to ``sink`` when one is given (:class:`DecodeSink`).
     """
-    return _check_new(folder, candidates, keep_others=False)[0]
+    return _check_new(folder, candidates, keep_others=False, sink=sink)[0]
 
 
-def recorded_hashes(folder: Path, files: list[Path]) -> list[HashPair]:
+def recorded_hashes(
+    folder: Path, files: list[Path], sink: DecodeSink | None = None
+) -> list[HashPair]:
     """Return the (pHash, mirror pHash) pair (:func:`phash_pair`) of each of ``files``, in order.
 
     Read from the validation record where a file's (relative path, size, mtime) match; the other
     files are validated and hashed in one decode each (on every usable core) and recorded, and
-    the record keeps its entries of files not asked about. Raises
+    the record keeps its entries of files not asked about; the images decoded go to ``sink``
+    when one is given (:class:`DecodeSink`). Raises
     :class:`imgcls.data.images.ImageReadError` naming the first file that cannot be read.
     """
     folder = Path(folder)
-    bad, hashes = _check_new(folder, files, keep_others=True)
+    bad, hashes = _check_new(folder, files, keep_others=True, sink=sink)
     if bad:
         path, reason = next(iter(bad.items()))
         raise images.ImageReadError(str(path), reason)

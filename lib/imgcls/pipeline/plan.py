@@ -28,7 +28,14 @@ from imgcls.core.config import (
     run_key,
     stable_hash,
 )
-from imgcls.data.folders import check_same_classes, data_version, require_split, scan_image_folder
+from imgcls.data.cache import DecodePrimer
+from imgcls.data.folders import (
+    ImageFolder,
+    check_same_classes,
+    data_version,
+    require_split,
+    scan_image_folder,
+)
 from imgcls.pipeline.gridpoint import log
 from imgcls.selection.incumbent import IncumbentPlan, find_incumbent, plan_incumbent
 
@@ -105,6 +112,52 @@ def _model_name(options: RunnerOptions) -> str | None:
     return name if options.register else None
 
 
+def _scan_data(options: RunnerOptions, grid: Grid) -> tuple[ImageFolder, str]:
+    """Scan and validate every split; return the train split and the data version.
+
+    Unless it is a dry run, the validation pass also fills the decoded-image cache of each split
+    at the grid's image sizes (:class:`imgcls.data.cache.DecodePrimer`), under the data version
+    its reader keys it by: notebook 02 reads ``train`` under the dataset's version, notebook 03
+    each evaluated folder (``test``, ``--eval-dir``) under that folder's own. A photo validated
+    here is then not decoded again; the runner says what it wrote. Raises DataError or
+    InvalidNameError naming the folder.
+    """
+    root = Path(options.data_dir) if options.data_dir else None
+    sizes = [] if options.dry_run else [s.image_size for s in grid.strategies]
+    primed: list[tuple[ImageFolder, DecodePrimer]] = []
+
+    def scan(path: Path) -> ImageFolder:
+        primer = DecodePrimer(sizes)
+        try:
+            folder = scan_image_folder(path, skip_bad=options.skip_bad_images, sink=primer)
+        except BaseException:
+            primer.discard()
+            raise
+        primed.append((folder, primer))
+        return folder
+
+    try:
+        train = scan(require_split("train", root))
+        names.check_metric_names(train.classes, str(train.root), options.extra_eval_dirs)
+        check_same_classes(train, scan(require_split("test", root)))
+        for extra in options.extra_eval_dirs:
+            check_same_classes(train, scan(Path(extra)))
+        md5 = data_version(train.root.parent)
+        for folder, primer in primed:
+            version = md5 if folder is train else data_version(folder.root)
+            written = primer.publish(folder, version)
+            if written:
+                log(
+                    f"decoded {len(folder)} {folder.root.name} images for the model at "
+                    f"{', '.join(f'{s} px' for s in primer.sizes)} in the validation pass: "
+                    f"{', '.join(str(path) for path in written)}"
+                )
+    finally:
+        for _, primer in primed:
+            primer.discard()
+    return train, md5
+
+
 def build_plan(options: RunnerOptions) -> Plan:
     """Validate grid, data and tracking target before anything runs; decide run or skip per point.
 
@@ -117,18 +170,11 @@ def build_plan(options: RunnerOptions) -> Plan:
     model_name = _model_name(options)
     full_grid = _load_grid(options.grid)
     grid = _load_grid(options.grid, options.only) if options.only else full_grid
-    root = Path(options.data_dir) if options.data_dir else None
-    train = scan_image_folder(require_split("train", root), skip_bad=options.skip_bad_images)
-    names.check_metric_names(train.classes, str(train.root), options.extra_eval_dirs)
-    test = scan_image_folder(require_split("test", root), skip_bad=options.skip_bad_images)
-    check_same_classes(train, test)
-    for extra in options.extra_eval_dirs:
-        check_same_classes(train, scan_image_folder(extra, skip_bad=options.skip_bad_images))
+    train, md5 = _scan_data(options, grid)
     for strategy in full_grid.strategies:
         check_against_data(
             strategy, train.class_counts(), f"{options.grid}: strategies.{strategy.name}"
         )
-    md5 = data_version(train.root.parent)
     code = tracking.code_version()
     uri = tracking.configure(options.tracking_uri)
     if options.executor == "dask" and options.scheduler and tracking.is_local_store(uri):
