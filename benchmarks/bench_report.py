@@ -180,6 +180,14 @@ def phone_rows(steps: dict[str, Any]) -> list[str]:
         images = step.get("photos") or step["images"]
         return step["seconds"] * 1000 / images
 
+    def per_ms(seconds: float | None, step: dict[str, Any]) -> float | None:
+        images = step.get("photos") or step.get("images")
+        return None if seconds is None or not images else seconds * 1000 / images
+
+    def end_to_end(step: dict[str, Any], first: str, second: str) -> float | None:
+        parts = [step.get(first), step.get(second)]
+        return None if "error" in step or None in parts else parts[0] + parts[1]
+
     lines = [
         "",
         "| 12-MP photo, per image | issue: today | today's path, here | now | now, all cores |",
@@ -196,7 +204,15 @@ def phone_rows(steps: dict[str, Any]) -> list[str]:
         f"{ms(decode.get('pillow_decode_ms_per_image'))} | - |",
         f"| forward pass, floor (ms) | {ISSUE_TODAY_MS['forward']:.0f} | - | "
         f"{ms(per_image(floor))} | - |",
-        f"| cold frozen strategy, whole CV (ms) | - | - | {ms(per_image(cold))} | - |",
+        f"| cold frozen strategy, whole CV (ms) | - | "
+        f"{ms(per_ms(cold.get('decode_twice_cv_seconds'), cold))} (decoding again) | "
+        f"{ms(per_image(cold))} | - |",
+        f"| runner's validation pass (ms) | - | "
+        f"{ms(per_ms(cold.get('decode_twice_validation_seconds'), cold))} | - | "
+        f"{ms(per_ms(cold.get('runner_validation_seconds'), cold))} (decoding for the model too) |",
+        f"| validation pass + cold CV, end to end (ms) | - | "
+        f"{ms(per_ms(end_to_end(cold, 'decode_twice_validation_seconds', 'decode_twice_cv_seconds'), cold))} | - | "
+        f"{ms(per_ms(end_to_end(cold, 'runner_validation_seconds', 'seconds'), cold))} |",
     ]
     return lines
 
