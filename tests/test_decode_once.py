@@ -3,7 +3,7 @@
 The kind: "a file is decoded twice where one decode gives both results". Validation reads every
 new file (JPEGs at 1/8 scale); for a large photo that is the decode the model's input starts
 from, so :func:`imgcls.data.images.load_rgb_reusing` fits the model input from it, and
-:class:`imgcls.data.cache.DecodePrimer` writes the rows into the cache entry
+:class:`imgcls.data.primer.DecodePrimer` writes the rows into the cache entry
 :class:`imgcls.data.cache.DecodedImages` would have built. Each test compares with the
 independent path (``load_rgb``, ``DecodedImages`` in an empty cache) byte for byte.
 """
@@ -19,12 +19,13 @@ import pytest
 from PIL import Image
 
 from imgcls.data import images as images_module
-from imgcls.data.cache import DecodedImages, DecodePrimer
+from imgcls.data.cache import DecodedImages
 from imgcls.data.duplicates import folder_hashes
 from imgcls.data.folders import data_version, scan_image_folder
 from imgcls.data.images import load_rgb, load_rgb_reusing, read_for_checks
+from imgcls.data.primer import DecodePrimer
 from imgcls.data.validation import validation_record_file
-from tests.conftest import make_image, write_dataset
+from tests.conftest import TINY_GRID_DEFAULTS, make_image, write_dataset, write_tiny_data
 
 PHONE = (4032, 3024)  # width, height of a 12-megapixel phone photo
 EXIF_ORIENTATION = 0x0112
@@ -57,6 +58,15 @@ def _sideways(folder: Path) -> Path:
     return _photo(folder / "e.jpg", (PHONE[1], PHONE[0]), quality=90, exif=exif.tobytes())
 
 
+def _mpo(folder: Path) -> Path:
+    """Save a 12-MP multi-picture JPEG (MPO, as many phones write) with a .jpg name."""
+    path = folder / "mpo.jpg"
+    big = make_image("forest", np.random.default_rng(8), size=96).resize(PHONE)
+    big.save(path, "MPO", save_all=True, append_images=[big.resize((640, 480))], quality=90)
+    assert Image.open(path).format == "MPO"
+    return path
+
+
 # (file maker, model image size, decoded from the validation image?)
 CASES = {
     "12-MP JPEG, 160 px model (1/8 scale both ways)": (
@@ -71,6 +81,12 @@ CASES = {
         True,
     ),
     "PNG (never drafted)": (lambda p: _photo(p / "b.png", (300, 200)), 64, True),
+    "MPO from a phone, named .jpg (drafted as a JPEG)": (_mpo, 160, True),
+    "JPEG with a 100 px short side (no scale reduction either way)": (
+        lambda p: _photo(p / "f.jpg", (133, 100), quality=90),
+        48,
+        True,
+    ),
     "12-MP JPEG, 224 px model (1/4 scale for the model, 1/8 for validation)": (
         lambda p: _photo(p / "c.jpg", PHONE, quality=90),
         224,
@@ -245,3 +261,104 @@ def test_an_unwritable_cache_only_costs_the_later_decode(image_dataset, tmp_path
         folder = scan_image_folder(train, sink=primer)  # validation itself still succeeds
         assert primer.publish(folder, "md5") == []
     assert len(folder) == 24
+
+
+def test_a_phone_mpo_is_validated_at_one_eighth_scale(tmp_path, monkeypatch):
+    """An MPO is a JPEG to libjpeg: validation drafts it (before READER_RULES 2 it decoded 12 MP)."""
+    path = _mpo(tmp_path)
+    sizes = []
+    real = Image.Image.load
+
+    def spy(self):
+        sizes.append(self.size)
+        return real(self)
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    read_for_checks(path)
+    assert (504, 378) in sizes and PHONE not in sizes
+
+
+def test_a_photo_rewritten_before_publishing_is_not_published(tmp_path, isolated_cache):
+    """The data version is hashed after the pass: a file changed since its decode is caught."""
+    root = write_dataset(tmp_path / "train", {"forest": 4, "sea": 4})
+    _backdate(root)
+    with DecodePrimer([32]) as primer:
+        folder = scan_image_folder(root, sink=primer)
+        changed = folder.paths[3]
+        make_image("sea", np.random.default_rng(5)).save(changed, quality=90)  # new pixels
+        _backdate(changed)  # and even an old-looking mtime: the stamp still differs
+        md5 = data_version(root)
+        assert not primer.ready(folder)
+        assert primer.publish(folder, md5) == []
+    assert _temporary_files(isolated_cache) == []
+
+
+def test_a_file_modified_just_before_the_pass_is_not_trusted(tmp_path, isolated_cache):
+    root = write_dataset(tmp_path / "train", {"forest": 3, "sea": 3})  # written just now
+    with DecodePrimer([32]) as primer:
+        folder = scan_image_folder(root, sink=primer)
+        assert not primer.ready(folder)  # a rewrite within the racy window keeps its stamp
+
+
+@pytest.mark.parametrize("problem", [OSError(28, "No space left on device"), RuntimeError("x")])
+def test_an_error_in_the_sink_never_fails_validation(
+    image_dataset, isolated_cache, monkeypatch, problem
+):
+    """Disk full, or anything else the model-input fit raises: validation succeeds, no cache."""
+    from imgcls.data import primer as primer_module
+
+    def broken(path, image, size):
+        raise problem
+
+    monkeypatch.setattr(primer_module, "load_rgb_reusing", broken)
+    _backdate(image_dataset)
+    with DecodePrimer([32]) as primer:
+        folder = scan_image_folder(image_dataset / "train", sink=primer)
+        assert len(folder) == 24 and not primer.ready(folder)
+        assert primer.publish(folder, data_version(image_dataset)) == []
+    assert _temporary_files(isolated_cache) == []
+
+
+@pytest.mark.parametrize("cores", [1, 4])
+def test_primed_rows_are_in_file_order_on_any_number_of_threads(
+    image_dataset, isolated_cache, monkeypatch, cores
+):
+    monkeypatch.setattr(images_module, "usable_cores", lambda: cores)
+    _backdate(image_dataset)
+    train = image_dataset / "train"
+    with DecodePrimer([24]) as primer:
+        folder = scan_image_folder(train, sink=primer)
+        md5 = data_version(image_dataset)
+        assert len(primer.publish(folder, md5)) == 1
+    expected = np.stack([load_rgb(path, 24).transpose(2, 0, 1) for path in folder.paths])
+    np.testing.assert_array_equal(DecodedImages(folder, 24, md5).result(), expected)
+
+
+def test_the_runners_plan_primes_every_split_under_the_version_its_reader_uses(
+    tmp_path, isolated_cache
+):
+    """train under the dataset's version (02), test and --eval-dir under their own (03), for
+    every image size of the grid; a dry run primes too, so the real run after it decodes nothing."""
+    from imgcls.core.config import load_grid
+    from imgcls.pipeline.plan import RunnerOptions, _scan_data
+
+    data = write_tiny_data(tmp_path / "data")
+    extra = write_dataset(tmp_path / "phone-shots", {"forest": 3, "sea": 3}, seed=4)
+    _backdate(tmp_path)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(TINY_GRID_DEFAULTS + "strategies:\n  a: {}\n  b:\n    image_size: 40\n")
+    options = RunnerOptions(
+        grid=grid_file, data_dir=str(data), extra_eval_dirs=[str(extra)], dry_run=True
+    )
+    train, md5 = _scan_data(options, load_grid(grid_file))
+    assert md5 == data_version(data)
+    test = scan_image_folder(data / "test")
+    other = scan_image_folder(extra)
+    for folder, version in (
+        (train, md5),
+        (test, data_version(data / "test")),
+        (other, data_version(extra)),
+    ):
+        for size in (32, 40):
+            assert DecodedImages(folder, size, version).hit, (folder.root, size)
+    assert _temporary_files(isolated_cache) == []

@@ -13,16 +13,14 @@ read a batch of rows at a time with :func:`imgcls.data.arrays.take_rows`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,12 +28,7 @@ from imgcls.core import paths
 from imgcls.core.config import stable_hash
 from imgcls.data.arrays import NpyStream, writer_is_gone
 from imgcls.data.folders import ImageFolder
-from imgcls.data.images import load_rgb, load_rgb_reusing, usable_cores
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-logger = logging.getLogger(__name__)
+from imgcls.data.images import load_rgb, usable_cores
 
 # Rows between two progress notifications to a consumer waiting in DecodedImages.wait_for.
 _NOTIFY_EVERY = 16
@@ -252,99 +245,3 @@ def decoded_images(
     be read.
     """
     return DecodedImages(folder, image_size, data_md5, progress).result()
-
-
-class DecodePrimer:
-    """Fills a split's decoded-image cache from the images its validation pass decodes.
-
-    Validation reads every new file anyway (:func:`imgcls.data.images.read_for_checks`, JPEGs at
-    1/8 scale), and for a large photo that is the same decode the model's input starts from
-    (:func:`imgcls.data.images.load_rgb_reusing`): a 12-megapixel JPEG then costs one decode,
-    not one in validation and another in notebook 02. Pass a primer as the ``sink`` of
-    :func:`imgcls.data.folders.scan_image_folder` (or
-    :func:`imgcls.data.duplicates.folder_hashes`), then :meth:`publish` it once the data version
-    is known, or :meth:`discard` it. Rows are streamed to temporary files in the cache folder
-    (``[N, 3, S, S]`` uint8 per image size, never all in memory), from the validation threads.
-
-    A primer publishes only what :class:`DecodedImages` would have built: every file of the
-    final split decoded, in its order. A pass that decoded part of the split (some files were
-    validated before), left out a bad file, or could not write is discarded, and the split is
-    decoded later as before. Nothing raises here: a cache that cannot be written is logged.
-    """
-
-    def __init__(self, image_sizes: Iterable[int]):
-        self.sizes = tuple(sorted({int(size) for size in image_sizes}))
-        self._streams: dict[int, NpyStream] = {}
-        self._files: list[Path] = []
-        self._rows = 0
-        self._problem: str | None = None
-        self._lock = threading.Lock()
-
-    def start(self, files: list[Path]) -> None:
-        """Open one temporary ``[len(files), 3, S, S]`` uint8 file per image size."""
-        self.discard()
-        self._files, self._rows, self._problem = list(files), 0, None
-        folder = paths.cache_dir() / "decoded"
-        try:
-            for size in self.sizes:
-                shape = (len(files), 3, size, size)
-                self._streams[size] = NpyStream(folder / f"primed-{size}px.npy", shape, np.uint8)
-        except OSError as exc:
-            self._fail(str(exc))
-
-    def add(self, index: int, path: Path, image: Image.Image) -> None:
-        """Write ``files[index]``'s model input at every image size (from a validation thread)."""
-        if self._problem is not None:
-            return
-        try:
-            for size, stream in self._streams.items():
-                stream.write(index, load_rgb_reusing(path, image, size).transpose(2, 0, 1)[None])
-        except (OSError, ValueError) as exc:  # disk full, or the file changed since it was read
-            self._fail(str(exc))
-            return
-        with self._lock:
-            self._rows += 1
-
-    def _fail(self, problem: str) -> None:
-        with self._lock:
-            if self._problem is None:
-                self._problem = problem
-                logger.warning("decoded-image cache not filled by validation: %s", problem)
-
-    def publish(self, folder: ImageFolder, data_md5: str) -> list[Path]:
-        """Rename the complete files onto ``folder``'s decoded-image cache entries; return them.
-
-        ``data_md5`` is the data version :class:`DecodedImages` is keyed by
-        (:func:`decoded_key`). Returns the cache files written (none when the pass did not
-        decode exactly ``folder.paths``, or an entry already existed); the temporary files are
-        removed either way.
-        """
-        complete = (
-            self._problem is None and self._rows == len(self._files) and self._files == folder.paths
-        )
-        written = []
-        try:
-            for size, stream in self._streams.items():
-                target = cache_file("decoded", decoded_key(folder, size, data_md5))
-                if complete and load_cached(target) is None:
-                    stream.publish(target)
-                    written.append(target)
-                else:
-                    stream.discard()
-        except OSError as exc:
-            logger.warning("decoded-image cache not filled by validation: %s", exc)
-        finally:
-            self.discard()
-        return written
-
-    def discard(self) -> None:
-        """Remove the temporary files not published; safe to call more than once."""
-        for stream in self._streams.values():
-            stream.discard()
-        self._streams = {}
-
-    def __enter__(self) -> DecodePrimer:
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        self.discard()

@@ -154,7 +154,7 @@ def scan_image_folder(
     DataError listing each path and reason, unless ``skip_bad`` is true, in which case they are
     left out and listed in ``ImageFolder.skipped``. An empty class, or fewer than two classes,
     is an error (DataError). The images validation decodes also go to ``sink``
-    (:class:`imgcls.data.validation.DecodeSink`; see :class:`imgcls.data.cache.DecodePrimer`).
+    (:class:`imgcls.data.validation.DecodeSink`; see :class:`imgcls.data.primer.DecodePrimer`).
     """
     folder = Path(folder)
     if not folder.is_dir():

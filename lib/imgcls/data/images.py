@@ -37,7 +37,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 ImageSource = str | Path | bytes | bytearray | memoryview
 
@@ -58,8 +58,9 @@ DRAFT_REDUCING_GAP = 2
 _VALIDATION_DRAFT = (64, 64)
 
 # Bump when the rules that decide whether a file is a readable image change (formats, limits,
-# what counts as corrupt): validation results recorded under another value are not reused.
-READER_RULES = 1
+# what counts as corrupt, how it is decoded): validation results recorded under another value
+# are not reused. 2: MPO files (multi-picture JPEGs from phones) are drafted like JPEGs.
+READER_RULES = 2
 
 _WHITE = (255, 255, 255)
 
@@ -235,9 +236,11 @@ def _apply_draft(img: Image.Image, draft: tuple[int, int] | None, min_short_side
 
     The one place the draft rule is applied: :func:`_read` before decoding, and
     :func:`_decode_size` on a header only. Pillow's ``JpegImageFile.draft`` picks the largest
-    of 1/8, 1/4, 1/2 (else 1/1) that keeps both sides >= the box; other formats are untouched.
+    of 1/8, 1/4, 1/2 (else 1/1) that keeps both sides >= the box. JPEG includes MPO, the
+    multi-picture JPEG many phones write (Pillow's ``MpoImageFile`` is a ``JpegImageFile``; its
+    first picture is what is read); other formats are untouched.
     """
-    if draft and img.format == "JPEG" and min(img.size) >= min_short_side:
+    if draft and isinstance(img, JpegImagePlugin.JpegImageFile) and min(img.size) >= min_short_side:
         img.draft(None, draft)
 
 

@@ -56,21 +56,30 @@ RECORD_FORMAT = 2
 class DecodeSink(Protocol):
     """Receives the images a validation pass decodes, so that nothing decodes them again.
 
-    :class:`imgcls.data.cache.DecodePrimer` fills the model's decoded-image cache from them.
+    :class:`imgcls.data.primer.DecodePrimer` fills the model's decoded-image cache from them.
     """
 
     def start(self, files: list[Path]) -> None:
-        """Called once, before decoding, with the files the pass will decode, in order."""
+        """Called before the pass decodes anything, with the files it will decode, in order.
+
+        Not called at all when the pass has nothing to decode (every file was recorded).
+        """
 
     def add(self, index: int, path: Path, image: Image.Image) -> None:
         """Called from a decoding thread for ``files[index]`` once it read and hashed as an image.
 
-        ``image`` is :func:`imgcls.data.images.read_for_checks`' upright RGB image; it must not
-        be modified. Bad files are never added.
+        ``image`` is :func:`imgcls.data.images.read_for_checks`' upright RGB image (mode "RGB",
+        any size); it must not be modified. Bad files are never added. An exception raised here
+        fails the validation of the whole pass, so a sink keeps its own errors.
         """
 
 
-def _file_stamp(path: Path) -> FileStamp | None:
+def file_stamp(path: Path) -> FileStamp | None:
+    """Return ``(size in bytes, modification time in ns)`` of ``path`` (links followed), or None.
+
+    None when the file is gone. The evidence that a file is unchanged, as DVC's state database
+    uses it.
+    """
     try:
         info = path.stat()
     except OSError:  # gone since it was listed: validation reports it
@@ -266,7 +275,7 @@ def _check_new(
     """
     known = load_checked(folder)
     not_before = time.time_ns() - int(RACY_MTIME_SECONDS * 1e9)
-    stamps = {path: _file_stamp(path) for path in candidates}
+    stamps = {path: file_stamp(path) for path in candidates}
     relpaths = {path: relative_posix(folder, path) for path in candidates}
     hashes: dict[Path, HashPair] = {}
     todo = []

@@ -28,7 +28,6 @@ from imgcls.core.config import (
     run_key,
     stable_hash,
 )
-from imgcls.data.cache import DecodePrimer
 from imgcls.data.folders import (
     ImageFolder,
     check_same_classes,
@@ -36,6 +35,7 @@ from imgcls.data.folders import (
     require_split,
     scan_image_folder,
 )
+from imgcls.data.primer import DecodePrimer
 from imgcls.pipeline.gridpoint import log
 from imgcls.selection.incumbent import IncumbentPlan, find_incumbent, plan_incumbent
 
@@ -115,15 +115,19 @@ def _model_name(options: RunnerOptions) -> str | None:
 def _scan_data(options: RunnerOptions, grid: Grid) -> tuple[ImageFolder, str]:
     """Scan and validate every split; return the train split and the data version.
 
-    Unless it is a dry run, the validation pass also fills the decoded-image cache of each split
-    at the grid's image sizes (:class:`imgcls.data.cache.DecodePrimer`), under the data version
+    Unless the grid points run on a remote Dask cluster (whose workers have their own caches),
+    the validation pass also fills the decoded-image cache of each split at
+    the grid's image sizes (:class:`imgcls.data.primer.DecodePrimer`), under the data version
     its reader keys it by: notebook 02 reads ``train`` under the dataset's version, notebook 03
     each evaluated folder (``test``, ``--eval-dir``) under that folder's own. A photo validated
     here is then not decoded again; the runner says what it wrote. Raises DataError or
     InvalidNameError naming the folder.
     """
     root = Path(options.data_dir) if options.data_dir else None
-    sizes = [] if options.dry_run else [s.image_size for s in grid.strategies]
+    remote = options.executor == "dask" and options.scheduler
+    # A dry run primes too: it decodes every new photo anyway, and the run after it finds them
+    # recorded as validated, so it would not decode them in its own pass.
+    sizes = [] if remote else [s.image_size for s in grid.strategies]
     primed: list[tuple[ImageFolder, DecodePrimer]] = []
 
     def scan(path: Path) -> ImageFolder:
@@ -144,6 +148,8 @@ def _scan_data(options: RunnerOptions, grid: Grid) -> tuple[ImageFolder, str]:
             check_same_classes(train, scan(Path(extra)))
         md5 = data_version(train.root.parent)
         for folder, primer in primed:
+            if not primer.ready(folder):
+                continue
             version = md5 if folder is train else data_version(folder.root)
             written = primer.publish(folder, version)
             if written:
@@ -153,7 +159,7 @@ def _scan_data(options: RunnerOptions, grid: Grid) -> tuple[ImageFolder, str]:
                     f"{', '.join(str(path) for path in written)}"
                 )
     finally:
-        for _, primer in primed:
+        for _, primer in reversed(primed):  # the first primer made the cache folders, if anyone
             primer.discard()
     return train, md5
 
