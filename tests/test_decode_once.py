@@ -155,6 +155,14 @@ def _temporary_files(cache: Path) -> list[Path]:
     return sorted(cache.rglob(".*.tmp"))
 
 
+def _assert_decoded_later(folder, md5: str, cache: Path) -> None:
+    """Nothing was primed: notebook 02's DecodedImages misses and decodes; no temporary is left."""
+    later = DecodedImages(folder, 32, md5)
+    assert not later.hit
+    later.result()
+    assert _temporary_files(cache) == []
+
+
 def test_a_12mp_photo_is_decoded_once_from_validation_to_the_models_input(
     tmp_path, isolated_cache, monkeypatch
 ):
@@ -216,10 +224,7 @@ def test_nothing_is_published_unless_the_pass_decoded_the_whole_split(
     with DecodePrimer([32]) as primer:
         folder = scan_image_folder(train, sink=primer)
         assert primer.publish(folder, md5) == []
-    later = DecodedImages(folder, 32, md5)  # what notebook 02 does: decode the split
-    assert not later.hit
-    later.result()
-    assert _temporary_files(isolated_cache) == []
+    _assert_decoded_later(folder, md5, isolated_cache)
 
 
 def test_a_split_with_a_skipped_bad_file_is_decoded_later_as_before(tmp_path, isolated_cache):
@@ -231,10 +236,7 @@ def test_a_split_with_a_skipped_bad_file_is_decoded_later_as_before(tmp_path, is
         folder = scan_image_folder(root, skip_bad=True, sink=primer)
         assert len(folder.skipped) == 1
         assert primer.publish(folder, md5) == []  # its rows were for the bad file's split
-    later = DecodedImages(folder, 32, md5)  # what notebook 02 does: decode the split
-    assert not later.hit
-    later.result()
-    assert _temporary_files(isolated_cache) == []
+    _assert_decoded_later(folder, md5, isolated_cache)
 
 
 def test_an_existing_cache_entry_is_not_replaced(tmp_path, isolated_cache):
