@@ -128,36 +128,3 @@ def test_a_kernel_too_busy_to_answer_its_heartbeat_is_not_taken_for_dead(warm):
         resume.join()
         os.kill(pid, signal.SIGCONT)
     assert engine._WARM["client"].is_alive()
-
-
-def _sigint_during(loop, handler_calls: list) -> bool:
-    """Run 1 s on ``loop`` with a library-style SIGINT handler; send SIGINT; True if it raised."""
-    import asyncio
-    import os
-    import signal
-
-    loop.add_signal_handler(signal.SIGINT, lambda: handler_calls.append("cleanup"))
-    loop.call_later(0.1, os.kill, os.getpid(), signal.SIGINT)
-    try:
-        loop.run_until_complete(asyncio.sleep(1.0))
-    except KeyboardInterrupt:
-        return True
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-        loop.close()
-    return False
-
-
-def test_ctrl_c_is_not_swallowed_by_a_library_sigint_handler_on_the_runners_loop():
-    """nbclient replaces SIGINT with a loop handler that only cleans up while a notebook runs;
-    on a plain loop Ctrl-C then never reaches the runner (the control), on ours it does."""
-    import asyncio
-
-    from imgcls.pipeline.engine import InterruptibleLoop
-
-    plain_calls: list[str] = []
-    assert not _sigint_during(asyncio.SelectorEventLoop(), plain_calls)
-    assert plain_calls == ["cleanup"]
-    ours_calls: list[str] = []
-    assert _sigint_during(InterruptibleLoop(), ours_calls)
-    assert ours_calls == ["cleanup"]  # the library's own clean-up still runs first

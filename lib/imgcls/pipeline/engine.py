@@ -19,13 +19,10 @@ pool and Dask workers set it.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import logging
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -152,50 +149,12 @@ def reset_namespace(km: Any) -> None:
         raise RuntimeError(f"could not reset the kernel namespace: {reply['content']}")
 
 
-class InterruptibleLoop(asyncio.SelectorEventLoop):
-    """An event loop on which a SIGINT handler added by a library also raises KeyboardInterrupt.
-
-    While a notebook executes, nbclient (``NotebookClient.async_setup_kernel``) replaces
-    Python's SIGINT handler with a loop handler that only schedules its kernel clean-up. In the
-    runner's main thread that swallowed Ctrl-C whenever the kernel (which gets Ctrl-C too, and
-    then interrupts only a running cell) was between cells: the grid point then ran to its end
-    and the runner exited 0. On this loop the library's handler runs, then KeyboardInterrupt is
-    raised from the loop, as Python's default handler would raise it.
-    """
-
-    def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
-        """Add ``callback`` for ``sig``; for SIGINT, raise KeyboardInterrupt after it ran."""
-        if sig != signal.SIGINT:
-            return super().add_signal_handler(sig, callback, *args)
-
-        def then_interrupt(*given: Any) -> None:
-            callback(*given)
-            raise KeyboardInterrupt
-
-        return super().add_signal_handler(sig, then_interrupt, *args)
-
-
-def use_interruptible_loop() -> None:
-    """Make :class:`InterruptibleLoop` this main thread's event loop (once; other threads: no-op).
-
-    Called before the first notebook, so the warm kernel's manager and every nbclient run share
-    it (``jupyter_core.utils.run_sync`` runs coroutines on the thread's current loop).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if isinstance(_WARM.get("loop"), InterruptibleLoop):
-        return
-    _WARM["loop"] = InterruptibleLoop()
-    asyncio.set_event_loop(_WARM["loop"])
-
-
 class WarmKernelEngine(NBClientEngine):
     """papermill's nbclient engine, run in this process's warm kernel after ``%reset -f``."""
 
     @classmethod
     def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, **kwargs: Any) -> Any:
         """Execute ``nb_man``'s notebook in the warm kernel; discard the kernel on any failure."""
-        use_interruptible_loop()
         km = warm_kernel(kernel_name)
         try:
             reset_namespace(km)
