@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 import nbformat
@@ -113,10 +118,6 @@ def test_a_kernel_too_busy_to_answer_its_heartbeat_is_not_taken_for_dead(warm):
     """On a loaded machine a kernel can miss its 1-second heartbeat while it starts; the reset
     client must wait for it (the process is alive), not fail the notebook with "Kernel died
     before replying to kernel_info"."""
-    import os
-    import signal
-    import threading
-
     km = engine.warm_kernel()
     pid = engine._kernel_process(km).pid
     os.kill(pid, signal.SIGSTOP)  # the kernel answers nothing (heartbeat included) for 3 s
@@ -128,3 +129,62 @@ def test_a_kernel_too_busy_to_answer_its_heartbeat_is_not_taken_for_dead(warm):
         resume.join()
         os.kill(pid, signal.SIGCONT)
     assert engine._WARM["client"].is_alive()
+
+
+SLOW_CELLS = (
+    "import os, pathlib, time\n"
+    "pathlib.Path(os.environ['IMGCLS_TEST_STARTED']).write_text(str(os.getpid()))\n"
+    "time.sleep(20)",
+    "import os, pathlib\npathlib.Path(os.environ['IMGCLS_TEST_FINISHED']).write_text('ran')",
+)
+
+
+@pytest.mark.parametrize("warm_kernel", ["1", "0"], ids=["warm", "fresh"])
+def test_a_kernel_that_dies_in_a_cell_fails_the_notebook_instead_of_hanging(
+    tmp_path, monkeypatch, warm_kernel
+):
+    """The kernel is killed while a cell runs (out of memory, `kill -9`): papermill's client
+    must notice within nbclient's 1-s liveness poll. With the warm kernel's blocking client the
+    runner waited for the reply forever."""
+    monkeypatch.setenv("IMGCLS_WARM_KERNEL", warm_kernel)
+    monkeypatch.setenv("IMGCLS_TEST_STARTED", str(tmp_path / "started"))
+    monkeypatch.setenv("IMGCLS_TEST_FINISHED", str(tmp_path / "finished"))
+    source = _notebook(tmp_path / "slow.ipynb", *SLOW_CELLS)
+
+    def kill_kernel() -> None:
+        marker = tmp_path / "started"
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if marker.exists():
+            time.sleep(0.5)
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_kernel, daemon=True)
+    killer.start()
+    outcome: dict[str, BaseException] = {}
+
+    def execute() -> None:
+        try:
+            papermill.execute_notebook(
+                str(source),
+                str(tmp_path / "out.ipynb"),
+                engine_name=engine.engine_name(),
+                progress_bar=False,
+            )
+        except BaseException as exc:  # handed to the test below
+            outcome["error"] = exc
+
+    # on a thread, so that a hang (what the blocking client did) fails the test, not CI
+    runner = threading.Thread(target=execute, daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    killer.join()
+    hung = runner.is_alive()
+    engine.shutdown_kernel()
+    assert not hung, "papermill still waits for the killed kernel's reply after 60 s"
+    assert re.search(r"(?i)dead|died", repr(outcome.get("error"))), outcome
+    assert not (tmp_path / "finished").exists()
+    # the next notebook gets a new kernel
+    assert _run(_notebook(tmp_path / "b.ipynb", REPORT), tmp_path / "b_out.ipynb")["names"] == []
+    engine.shutdown_kernel()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -92,7 +93,13 @@ def _wait_gone(marker: str, timeout: float = 45.0) -> list[str]:
 class Runner:
     """One run_experiments.py process in its own process group, logging to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, sigint: Any = signal.SIG_DFL
+    ):
+        """``sigint``: the SIGINT disposition the runner inherits. SIG_DFL is a terminal's;
+        SIG_IGN is what a script's ``cmd &`` gives (a shell without job control), and it
+        must not stop Ctrl-C from working. Set explicitly, so that the tests do not depend on
+        how pytest itself was started."""
         self.log = log
         self._handle = open(log, "w")  # noqa: SIM115 (closed in wait())
         self.process = subprocess.Popen(
@@ -102,6 +109,7 @@ class Runner:
             stdout=self._handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
         )
 
     def text(self) -> str:
@@ -209,8 +217,9 @@ def interrupted_grid(tmp_path_factory):
     runner.wait_for(STARTED, count=2)  # one worker: the second point starts after the first ended
     time.sleep(3)
     snapshot("sigkill", runner, runner.signal(signal.SIGKILL))
-    # C: Ctrl-C with one worker while the next grid point trains
-    runner = Runner(args, env, tmp / "c.log")
+    # C: Ctrl-C with one worker while the next grid point trains, to a runner started the way
+    # a script's `python run_experiments.py ... &` starts it: with SIGINT ignored
+    runner = Runner(args, env, tmp / "c.log", sigint=signal.SIG_IGN)
     runner.wait_for(STARTED)
     time.sleep(3)
     snapshot("ctrl_c_one_worker", runner, runner.signal(signal.SIGINT))
@@ -343,6 +352,32 @@ def test_bad_file_in_train_fails_naming_the_path(case, cli, tmp_path):
     assert code == 2
     assert f"{bad}: {reason}" in err, err
     assert "--skip-bad-images" in err
+
+
+@pytest.mark.parametrize("inherited", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_the_clis_signal_handlers_stop_it_whatever_sigint_it_inherited(inherited, sig):
+    """Started with SIGINT ignored (a script's `cmd &`), Ctrl-C used to be lost and the runner
+    ran its grid to the end; SIGINT and SIGTERM must both raise KeyboardInterrupt (exit 130)."""
+    code = (
+        "import time\nfrom imgcls.pipeline import cli\ncli.install_signal_handlers()\n"
+        "print('ready', flush=True)\ntry:\n    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=paths.REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(sig)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert out.strip() == "interrupted"
 
 
 def test_bad_file_exit_code_of_the_real_process(tmp_path):

@@ -127,6 +127,21 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def install_signal_handlers() -> None:
+    """Make SIGINT (Ctrl-C, ``kill -INT``) and SIGTERM stop the run, whatever was inherited.
+
+    Both raise KeyboardInterrupt in the main thread: unfinished runs are marked KILLED and the
+    exit code is 130. SIGINT is set explicitly because a shell without job control (a script's
+    ``python run_experiments.py ... &``, some CI runners) starts background commands with
+    SIGINT ignored (POSIX Shell Command Language, 2.11 "Signals and Error Handling"), and
+    Python leaves an inherited SIG_IGN in place (Python docs, ``signal``: SIGINT becomes
+    KeyboardInterrupt only "if the parent process has not changed it"); the runner then ran
+    its whole grid through a Ctrl-C. Must be called from the main thread.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the grid; return the process exit code (README: 0 ok, 1 a notebook failed, 2 invalid
     input, 3 gate failed, 130 interrupted).
@@ -136,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     exception is a bug and keeps its traceback.
     """
     options = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    install_signal_handlers()
     try:
         return run_grid(options)
     except (

@@ -91,7 +91,13 @@ def warm_kernel(kernel_name: str = KERNEL_NAME) -> Any:
     if process is not None and process.poll() is None and km.kernel_name == kernel_name:
         return km
     shutdown_kernel()
-    km = KernelManager(kernel_name=kernel_name)
+    # papermill's client (nbclient) asks the manager for its client: an asynchronous one, so
+    # that nbclient's once-a-second "is the kernel alive?" poll runs while it waits for a reply.
+    # With the manager's default (blocking) client that wait blocked nbclient's event loop, and
+    # a kernel that died in a cell (killed, out of memory) left the runner waiting forever.
+    km = KernelManager(
+        kernel_name=kernel_name, client_class="jupyter_client.asynchronous.AsyncKernelClient"
+    )
     km.start_kernel(cwd=str(paths.notebooks_dir()))
     logger.info("started warm kernel %s (pid %s)", kernel_name, _kernel_process(km).pid)
     _WARM["km"] = km
