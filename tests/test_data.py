@@ -34,6 +34,7 @@ from imgcls.data.folders import (
 from imgcls.data.folds import assign_folds, fold_assignment_hash
 from imgcls.data.images import ImageReadError, load_rgb
 from imgcls.modeling.features import cached_features
+from tests.conftest import make_image, write_dataset
 
 
 def test_scan_sorts_classes_and_labels_files(image_dataset):
@@ -443,3 +444,31 @@ def test_dataset_listing_rule_matches_dvcignore(real_data):
     assert data_version(real_data) == expected_data_md5()
     patterns = (paths.REPO_ROOT / ".dvcignore").read_text().split()
     assert ".*" in patterns and "__MACOSX/" in patterns and "Thumbs.db" in patterns
+
+
+def test_cache_version_keys_train_by_the_dataset_and_other_splits_by_their_own(tmp_path):
+    """One rule for every cache writer and reader (validation priming, 02, 03, the embedding
+    audit): train under the dataset's version, test and an --eval-dir under their own."""
+    from imgcls.data.folders import cache_version, data_version, scan_image_folder
+
+    root = tmp_path / "data"
+    write_dataset(root / "train", {"forest": 3, "sea": 3}, seed=1, size=24)
+    write_dataset(root / "test", {"forest": 2, "sea": 2}, seed=2, size=24)
+    write_dataset(tmp_path / "phone", {"forest": 2, "sea": 2}, seed=3, size=24)
+    train = scan_image_folder(root / "train")
+    test = scan_image_folder(root / "test")
+    extra = scan_image_folder(tmp_path / "phone")
+    assert cache_version(train, training=True) == data_version(root)
+    assert cache_version(test, training=False) == data_version(root / "test")
+    assert cache_version(extra, training=False) == data_version(tmp_path / "phone")
+    # a new test photo changes the training split's key (the run key changes too) ...
+    before_train = cache_version(train, training=True)
+    before_test = cache_version(test, training=False)
+    make_image("sea", np.random.default_rng(9), 24).save(root / "test" / "sea" / "new.jpg")
+    assert cache_version(train, training=True) != before_train
+    assert cache_version(test, training=False) != before_test
+    # ... and a new training photo leaves the other splits' keys alone
+    after_test = cache_version(test, training=False)
+    make_image("sea", np.random.default_rng(8), 24).save(root / "train" / "sea" / "new.jpg")
+    assert cache_version(test, training=False) == after_test
+    assert cache_version(extra, training=False) == data_version(tmp_path / "phone")

@@ -344,3 +344,15 @@ def data_version(root: str | Path | None = None) -> str:
                 stacklevel=2,
             )
     return actual
+
+
+def cache_version(split: ImageFolder, *, training: bool) -> str:
+    """Return the data version a split's caches (decoded images, frozen features) are keyed by.
+
+    The one rule every cache writer and reader follows: the training split is keyed by the
+    dataset's version (:func:`data_version` of its parent folder, which holds ``train`` and
+    ``test``; the data version of the run key, which notebook 02 uses), any other split (``test``,
+    an ``--eval-dir``) by its own version (what notebook 03 logs as that dataset's digest).
+    Raises :class:`DataError` when the folder is gone.
+    """
+    return data_version(split.root.parent if training else split.root)

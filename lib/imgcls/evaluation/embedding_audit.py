@@ -40,7 +40,7 @@ import torch
 
 from imgcls.data import duplicates
 from imgcls.data.arrays import PAIR_BLOCK, rows_per_block
-from imgcls.data.folders import ImageFolder, data_version
+from imgcls.data.folders import ImageFolder, cache_version
 from imgcls.modeling.features import cached_features
 
 COSINE_THRESHOLD = 0.935  # see the module docstring for the calibration
@@ -103,9 +103,9 @@ def embedding_near_copies(
     """Return the pairs within train and across train/test that only the embedding finds.
 
     Features: :func:`imgcls.modeling.features.cached_features` of each split for the frozen
-    ``backbone`` (``weights``, ``image_size`` px), keyed as the grid keys them, so these are the
-    cache entries it uses: the training split under the dataset's version (``data_version`` of
-    ``train.root.parent``, as notebook 02) and the test split under its own (as notebook 03);
+    ``backbone`` (``weights``, ``image_size`` px), keyed as the grid keys them
+    (:func:`imgcls.data.folders.cache_version`), so these are the cache entries notebooks 02 and
+    03 use;
     ``device`` None picks CUDA when available, as training does.
     A pair is listed when its cosine is >= ``threshold`` and the mirror-aware pHash
     (:func:`imgcls.data.duplicates.group_ids` over both splits) did not put it in one
@@ -116,7 +116,8 @@ def embedding_near_copies(
     """
     target = torch.device(device) if device else None
     spec: dict[str, Any] = {"backbone_name": backbone, "weights": weights, "image_size": image_size}
-    train_md5, test_md5 = data_version(train.root.parent), data_version(test.root)
+    train_md5 = cache_version(train, training=True)
+    test_md5 = cache_version(test, training=False)
     train_features, _ = cached_features(train, data_md5=train_md5, device=target, **spec)
     test_features, _ = cached_features(test, data_md5=test_md5, device=target, **spec)
     hashes = np.concatenate([duplicates.folder_hashes(train), duplicates.folder_hashes(test)])

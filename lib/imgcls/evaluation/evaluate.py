@@ -33,7 +33,7 @@ from imgcls.data.cache import decoded_images
 from imgcls.data.folders import (
     DataError,
     ImageFolder,
-    data_version,
+    cache_version,
     require_split,
     scan_image_folder,
 )
@@ -226,7 +226,7 @@ class EvaluationSession:
         version) and the metrics are linked to the refit LoggedModel and that dataset
         (``mlflow.log_metrics(model_id=..., dataset=...)``).
         """
-        md5 = data_version(folder.root)
+        md5 = cache_version(folder, training=False)  # its data version, also its cache key
         probs = predict_folder(self.model, self.prep, folder, md5, self.device)
         scores = metrics.classification_metrics(folder.labels, probs, self.classes)
         scores["ece"] = metrics.expected_calibration_error(folder.labels, probs)

@@ -30,8 +30,8 @@ from imgcls.core.config import (
 )
 from imgcls.data.folders import (
     ImageFolder,
+    cache_version,
     check_same_classes,
-    data_version,
     require_split,
     scan_image_folder,
 )
@@ -146,11 +146,11 @@ def _scan_data(options: RunnerOptions, grid: Grid) -> tuple[ImageFolder, str]:
         check_same_classes(train, scan(require_split("test", root)))
         for extra in options.extra_eval_dirs:
             check_same_classes(train, scan(Path(extra)))
-        md5 = data_version(train.root.parent)
+        md5 = cache_version(train, training=True)  # also the run key's data version
         for folder, primer in primed:
             if not primer.ready(folder):
                 continue
-            version = md5 if folder is train else data_version(folder.root)
+            version = md5 if folder is train else cache_version(folder, training=False)
             written = primer.publish(folder, version)
             if written:
                 log(

@@ -26,6 +26,7 @@ from imgcls import tracking
 from imgcls.core.config import Strategy, check_against_data, strategy_from_dict
 from imgcls.data.folders import (
     ImageFolder,
+    cache_version,
     data_version,
     require_split,
     scan_image_folder,
@@ -85,7 +86,7 @@ class TrainingSession:
         train_dir = require_split("train", root)
         folder = scan_image_folder(train_dir, skip_bad=skip_bad_images)
         check_against_data(parsed, folder.class_counts(), where="strategy")
-        md5 = data_version(root)
+        md5 = cache_version(folder, training=True)  # the dataset's: run key and train caches
         dataset = tracking.split_dataset("train", train_dir, data_version(train_dir))
         tracking.configure(tracking_uri)
         experiment_id = tracking.get_experiment_id(experiment_name)
