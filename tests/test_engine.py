@@ -139,24 +139,30 @@ SLOW_CELLS = (
 )
 
 
+@pytest.mark.parametrize("death", ["killed", "exits"])
 @pytest.mark.parametrize("warm_kernel", ["1", "0"], ids=["warm", "fresh"])
 def test_a_kernel_that_dies_in_a_cell_fails_the_notebook_instead_of_hanging(
-    tmp_path, monkeypatch, warm_kernel
+    tmp_path, monkeypatch, warm_kernel, death
 ):
-    """The kernel is killed while a cell runs (out of memory, `kill -9`): papermill's client
-    must notice within nbclient's 1-s liveness poll. With the warm kernel's blocking client the
-    runner waited for the reply forever."""
+    """The kernel dies while a cell runs: killed from outside (out of memory, `kill -9`) or
+    ending its own process (`os._exit` in a library). papermill's client must notice within
+    nbclient's 1-s liveness poll. With the warm kernel's blocking client the runner waited for
+    the reply forever."""
     monkeypatch.setenv("IMGCLS_WARM_KERNEL", warm_kernel)
     monkeypatch.setenv("IMGCLS_TEST_STARTED", str(tmp_path / "started"))
     monkeypatch.setenv("IMGCLS_TEST_FINISHED", str(tmp_path / "finished"))
-    source = _notebook(tmp_path / "slow.ipynb", *SLOW_CELLS)
+    cells = SLOW_CELLS
+    if death == "exits":  # the kernel's own process ends in the cell; nobody kills it
+        cells = (SLOW_CELLS[0].replace("time.sleep(20)", "time.sleep(1)\nos._exit(3)"),)
+        cells += SLOW_CELLS[1:]
+    source = _notebook(tmp_path / "slow.ipynb", *cells)
 
     def kill_kernel() -> None:
         marker = tmp_path / "started"
         deadline = time.monotonic() + 120
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if marker.exists():
+        if marker.exists() and death == "killed":
             time.sleep(0.5)
             os.kill(int(marker.read_text()), signal.SIGKILL)
 

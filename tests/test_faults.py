@@ -356,9 +356,10 @@ def test_bad_file_in_train_fails_naming_the_path(case, cli, tmp_path):
 
 @pytest.mark.parametrize("inherited", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_the_clis_signal_handlers_stop_it_whatever_sigint_it_inherited(inherited, sig):
+def test_the_clis_signal_handlers_stop_it_whatever_it_inherited(inherited, sig):
     """Started with SIGINT ignored (a script's `cmd &`), Ctrl-C used to be lost and the runner
-    ran its grid to the end; SIGINT and SIGTERM must both raise KeyboardInterrupt (exit 130)."""
+    ran its grid to the end. The kind: an inherited disposition decides nothing; SIGINT and
+    SIGTERM, each inherited ignored or default, raise KeyboardInterrupt (exit 130)."""
     code = (
         "import time\nfrom imgcls.pipeline import cli\ncli.install_signal_handlers()\n"
         "print('ready', flush=True)\ntry:\n    time.sleep(60)\n"
@@ -369,7 +370,7 @@ def test_the_clis_signal_handlers_stop_it_whatever_sigint_it_inherited(inherited
         cwd=paths.REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
+        preexec_fn=lambda: signal.signal(sig, inherited),
     )
     try:
         assert process.stdout.readline().strip() == "ready"

@@ -122,24 +122,20 @@ def parse_args(argv: list[str] | None = None) -> RunnerOptions:
     )
 
 
-def _terminate(signum: int, frame: object) -> None:
-    """Treat SIGTERM like Ctrl-C: unfinished runs are marked KILLED, the exit code is 130."""
-    raise KeyboardInterrupt
-
-
 def install_signal_handlers() -> None:
     """Make SIGINT (Ctrl-C, ``kill -INT``) and SIGTERM stop the run, whatever was inherited.
 
-    Both raise KeyboardInterrupt in the main thread: unfinished runs are marked KILLED and the
-    exit code is 130. SIGINT is set explicitly because a shell without job control (a script's
-    ``python run_experiments.py ... &``, some CI runners) starts background commands with
-    SIGINT ignored (POSIX Shell Command Language, 2.11 "Signals and Error Handling"), and
-    Python leaves an inherited SIG_IGN in place (Python docs, ``signal``: SIGINT becomes
-    KeyboardInterrupt only "if the parent process has not changed it"); the runner then ran
-    its whole grid through a Ctrl-C. Must be called from the main thread.
+    Both get Python's own ``signal.default_int_handler``, which raises KeyboardInterrupt in the
+    main thread: unfinished runs are marked KILLED and the exit code is 130. SIGINT is set too
+    because a shell without job control (a script's ``python run_experiments.py ... &``, some
+    CI runners) starts background commands with SIGINT ignored (POSIX Shell Command Language,
+    2.11 "Signals and Error Handling"), and Python leaves an inherited SIG_IGN in place (Python
+    docs, ``signal``: SIGINT becomes KeyboardInterrupt only "if the parent process has not
+    changed it"); the runner then ran its whole grid through a Ctrl-C. Must be called from the
+    main thread.
     """
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:
