@@ -9,6 +9,7 @@ of the run key.
 from __future__ import annotations
 
 import base64
+import time
 
 import mlflow
 import numpy as np
@@ -252,3 +253,30 @@ def test_grad_cam_of_a_tta_model_shows_the_unflipped_image():
     same = np.corrcoef(flip.ravel(), plain.ravel())[0, 1]
     mirrored = np.corrcoef(flip.ravel(), plain[..., ::-1].ravel())[0, 1]
     assert same > 0.9 and same > mirrored + 0.2, (same, mirrored)
+
+
+@pytest.mark.parametrize("given_inputs", [False, True], ids=["inputs-built", "inputs-given"])
+def test_building_the_mirrors_features_counts_as_cv_setup_not_training(
+    data, monkeypatch, given_inputs
+):
+    """The first ``tta: flip`` run on a frozen backbone builds the mirrors' feature cache; that
+    time is ``cv_setup_seconds`` (cache setup), never fixed overhead or training."""
+    import imgcls.modeling.nested as nested
+
+    built: list[float] = []
+    real = nested.cached_features
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            built.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(nested, "cached_features", timed)
+    strategy = Strategy(**TINY, tta="flip")
+    folder, md5 = scan_image_folder(data / "train"), data_version(data)
+    inputs = prepare_inputs(strategy, folder, md5)[0] if given_inputs else None
+    cv = cross_validate(strategy, folder, md5, progress=False, inputs=inputs)
+    assert len(built) == 1, "the mirrors' features are built once per CV"
+    assert cv.summary()["cv_setup_seconds"] >= built[0] > 0

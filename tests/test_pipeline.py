@@ -199,6 +199,16 @@ def test_reports_index_links_every_report(grid_run):
     assert "Quality gate" in html and "EvaluationSession.start(" not in html  # ... hidden
 
 
+def test_reports_show_photographs_as_jpeg_and_charts_as_png(grid_run):
+    """01's sample gallery, 03's hardest images and their Grad-CAM overlays are photographs."""
+    reports = Path(grid_run["tmp"]) / "reports"
+    data = (reports / "data" / "01_data.html").read_text()
+    evaluation = (reports / "frozen" / "03_evaluate.html").read_text()
+    assert data.count("data:image/jpeg;base64,") == 1 and "data:image/png;base64," in data
+    assert evaluation.count("data:image/jpeg;base64,") == 2
+    assert evaluation.count("data:image/png;base64,") >= 3  # confusion, ROC/PR, reliability
+
+
 def test_champion_alias_and_pyfunc_in_a_new_process(grid_run):
     client = MlflowClient()
     version = client.get_model_version_by_alias("e2e-classifier", "champion")

@@ -88,12 +88,17 @@ def cross_validate(
     A fold's ``val_loss``/``val_accuracy`` are those of the model the strategy serves
     (:class:`imgcls.modeling.nested.FoldScorer`): with ``tta: flip`` averaged over each image and
     its mirror, with ``ensemble: folds`` the nested k x k inner ensemble (its training time is
-    in ``train_seconds``). Raises ConfigError for an ensemble its backbone setting refuses.
+    in ``train_seconds``). The result's ``setup_seconds`` is the input setup (when ``inputs`` is
+    None) plus the served views' setup (with ``tta: flip`` on a frozen backbone: the mirrors'
+    features, computed once per backbone and data version). Raises ConfigError for an ensemble
+    its backbone setting refuses.
     """
     setup = 0.0
     if inputs is None:
         inputs, setup = prepare_inputs(strategy, folder, data_md5, device, progress)
-    scorer = FoldScorer(strategy, folder, data_md5, inputs)
+    start = time.perf_counter()
+    scorer = FoldScorer(strategy, folder, data_md5, inputs)  # builds the mirrors' features cache
+    setup += time.perf_counter() - start
     assignment = duplicates.split_folds(folder, strategy.folds, strategy.seed)
     results = []
     for fold in range(strategy.folds):

@@ -132,7 +132,7 @@ class TrainingSession:
         result = cross_validate(
             self.strategy, self.folder, self.data_md5, self.device, progress, inputs=self.inputs
         )
-        result.setup_seconds = setup
+        result.setup_seconds += setup  # the inputs' setup, and the views' (cross_validate's)
         client = MlflowClient()
         point = client.get_run(self.run_id).data.tags.get(tracking.TAG_GRID_POINT)
         point = point or self.strategy.run_name

@@ -16,6 +16,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from imgcls.reporting.notebook import mark_photographs
+
 # "turbo" (Mikhailov 2019, in matplotlib since 3.4): the rainbow look readers know from Grad-CAM
 # figures (jet), with smooth perceived lightness.
 HEATMAP_COLOURMAP = "turbo"
@@ -61,8 +63,9 @@ def gradcam_overlays(
     ``images`` uint8 ``(N, H, W, 3)``, ``maps`` ``(N, H, W)`` in [0, 1]; each panel is titled
     ``#k RIGHT/WRONG``, ``true <class>``, ``predicted <class> (<confidence>)`` (confidence: the
     top-1 softmax probability, a fraction), with ``captions`` (e.g. file names) under it. One
-    colourbar gives the scale: relevance as a fraction of the image's strongest region. Raises
-    ValueError when the lengths or shapes disagree.
+    colourbar gives the scale: relevance as a fraction of the image's strongest region. The
+    figure is marked as photographs (:func:`imgcls.reporting.notebook.mark_photographs`): a
+    prepared notebook shows it as JPEG. Raises ValueError when the lengths or shapes disagree.
     """
     count = len(images)
     lengths = {len(maps), len(true), len(predicted), len(confidence)}
@@ -110,4 +113,4 @@ def gradcam_overlays(
     fig.colorbar(scale, cax=bar_axes).set_label(
         "Grad-CAM relevance (fraction of the image's maximum)"
     )
-    return fig
+    return mark_photographs(fig)

@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
+from imgcls.reporting.notebook import mark_photographs
+
 _METRIC_LABELS = {
     "loss": "loss (cross-entropy)",
     "accuracy": "accuracy (fraction)",
@@ -252,7 +254,11 @@ def reliability_plot(bins: pd.DataFrame, title: str) -> Figure:
 def image_gallery(
     images: list[np.ndarray], captions: list[str], title: str, columns: int = 6
 ) -> Figure:
-    """Take HxWx3 uint8 images and captions; return a grid with each caption under its image."""
+    """Take HxWx3 uint8 images and captions; return a grid with each caption under its image.
+
+    The figure is marked as photographs (:func:`imgcls.reporting.notebook.mark_photographs`): a
+    prepared notebook shows it as JPEG. Raises ValueError when the counts differ.
+    """
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     if not images:
@@ -278,7 +284,7 @@ def image_gallery(
         ax.set_xlabel(captions[index], fontsize="x-small")
     fig.suptitle(title)
     fig.tight_layout()
-    return fig
+    return mark_photographs(fig)
 
 
 def class_balance(counts: pd.DataFrame, title: str) -> Figure:
