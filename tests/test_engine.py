@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -107,11 +108,74 @@ def test_a_failed_notebook_discards_the_kernel_and_names_the_cell(tmp_path, warm
     assert after["pid"] != before["pid"], "a kernel that ran a failed notebook was reused"
 
 
-def test_fresh_kernels_use_papermills_default_engine(monkeypatch):
+def test_fresh_kernels_use_papermills_nbclient_engine_with_code_cell_saves(monkeypatch):
+    from papermill.engines import NBClientEngine, papermill_engines
+
     monkeypatch.setenv("IMGCLS_WARM_KERNEL", "0")
-    assert engine.engine_name() is None
+    assert engine.engine_name() == engine.FRESH_ENGINE_NAME
+    fresh = papermill_engines.get_engine(engine.FRESH_ENGINE_NAME)
+    assert issubclass(fresh, NBClientEngine) and not issubclass(fresh, engine.WarmKernelEngine)
     monkeypatch.setenv("IMGCLS_WARM_KERNEL", "1")
     assert engine.engine_name() == engine.ENGINE_NAME
+
+
+def _mixed_notebook(path: Path, *code: str) -> Path:
+    """A notebook alternating Markdown and the given code cells."""
+    nb = nbformat.read(_notebook(path, *code), as_version=4)
+    cells = []
+    for cell in nb.cells:
+        cells += [nbformat.v4.new_markdown_cell("Some words."), cell]
+    nb.cells = cells
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.parametrize("warm_kernel", ["1", "0"], ids=["warm", "fresh"])
+def test_the_output_notebook_is_written_after_each_code_cell_and_no_more(
+    tmp_path, monkeypatch, warm_kernel
+):
+    """While a later cell runs, the file on disk already holds every finished cell's outputs;
+    writes: one at the start, one per code cell, one at the end (papermill: 2 per cell + 2)."""
+    import papermill.engines
+
+    monkeypatch.setenv("IMGCLS_WARM_KERNEL", warm_kernel)
+    writes = []
+    real_write = papermill.engines.write_ipynb
+
+    def counting_write(nb, path):
+        writes.append(path)
+        real_write(nb, path)
+
+    monkeypatch.setattr(papermill.engines, "write_ipynb", counting_write)
+    source = _mixed_notebook(
+        tmp_path / "in.ipynb", "print('first done')", "import time\ntime.sleep(6)", "print(3)"
+    )
+    output = tmp_path / "out.ipynb"
+    seen: dict[str, str] = {}
+
+    def look_while_the_sleep_runs():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "first done" not in seen.get("text", ""):
+            time.sleep(0.2)
+            if output.is_file():
+                with contextlib.suppress(OSError, ValueError):
+                    seen["text"] = output.read_text()
+        seen["at"] = time.monotonic()
+
+    watcher = threading.Thread(target=look_while_the_sleep_runs, daemon=True)
+    watcher.start()
+    papermill.execute_notebook(
+        str(source), str(output), engine_name=engine.engine_name(), progress_bar=False
+    )
+    finished = time.monotonic()
+    watcher.join(timeout=5)
+    engine.shutdown_kernel()
+    assert "first done" in seen.get("text", ""), "the first cell's output never reached the disk"
+    assert seen["at"] < finished - 3, "it reached the disk only at the end, not before the sleep"
+    assert len(writes) == 3 + 2, writes
+    cells = nbformat.read(output, as_version=4).cells
+    assert [c.metadata.papermill["status"] for c in cells] == ["completed"] * len(cells)
+    assert cells[-1].outputs[0]["text"] == "3\n"
 
 
 def test_a_kernel_too_busy_to_answer_its_heartbeat_is_not_taken_for_dead(warm):
