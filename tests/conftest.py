@@ -51,6 +51,21 @@ defaults:
 """
 
 
+def write_notebook(path: Path, *sources: str) -> Path:
+    """Write a notebook of code cells ``sources`` (kernelspec ``python3``) to ``path``."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    nbformat.write(nb, path)
+    return path
+
+
 def write_tiny_data(root: Path) -> Path:
     """Write ``root/train`` (10 + 10 images) and ``root/test`` (4 + 4); return ``root``."""
     write_dataset(root / "train", {"forest": 10, "sea": 10}, seed=1)

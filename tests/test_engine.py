@@ -16,18 +16,7 @@ import papermill
 import pytest
 
 from imgcls.pipeline import engine
-
-
-def _notebook(path: Path, *sources: str) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
-    nbformat.write(nb, path)
-    return path
+from tests.conftest import write_notebook
 
 
 def _run(source: Path, output: Path) -> dict:
@@ -57,8 +46,8 @@ def test_papermill_resolves_the_engine_name_to_the_warm_engine(monkeypatch):
 
 
 def test_second_notebook_reuses_the_kernel_but_sees_no_variable_of_the_first(tmp_path, warm):
-    first = _notebook(tmp_path / "a.ipynb", "secret_value = 41", REPORT)
-    second = _notebook(tmp_path / "b.ipynb", REPORT)
+    first = write_notebook(tmp_path / "a.ipynb", "secret_value = 41", REPORT)
+    second = write_notebook(tmp_path / "b.ipynb", REPORT)
     one = _run(first, tmp_path / "a_out.ipynb")
     two = _run(second, tmp_path / "b_out.ipynb")
     assert one["names"] == ["secret_value"]
@@ -68,7 +57,7 @@ def test_second_notebook_reuses_the_kernel_but_sees_no_variable_of_the_first(tmp
 
 def test_a_notebooks_cyclic_garbage_is_collected_by_the_next_reset(tmp_path, warm):
     """The frozen generation holds only what survived a reset: a notebook's cycles still go."""
-    first = _notebook(
+    first = write_notebook(
         tmp_path / "a.ipynb",
         "import sys, weakref\n"
         "class Node:\n    pass\n"
@@ -76,11 +65,11 @@ def test_a_notebooks_cyclic_garbage_is_collected_by_the_next_reset(tmp_path, war
         "sys.imgcls_probe = weakref.ref(secret_node)",
         REPORT,
     )
-    second = _notebook(
+    second = write_notebook(
         tmp_path / "b.ipynb",
         "import json, sys\nprint(json.dumps({'alive': sys.imgcls_probe() is not None}))",
     )
-    third = _notebook(
+    third = write_notebook(
         tmp_path / "c.ipynb",
         "secret_node = type('Node', (), {})()\nsecret_node.me = secret_node\n"
         "import sys, weakref\nsys.imgcls_probe = weakref.ref(secret_node)",
@@ -93,8 +82,8 @@ def test_a_notebooks_cyclic_garbage_is_collected_by_the_next_reset(tmp_path, war
 
 
 def test_a_failed_notebook_discards_the_kernel_and_names_the_cell(tmp_path, warm):
-    before = _run(_notebook(tmp_path / "a.ipynb", REPORT), tmp_path / "a_out.ipynb")
-    failing = _notebook(tmp_path / "bad.ipynb", "x = 1", "raise KeyError('no such class')")
+    before = _run(write_notebook(tmp_path / "a.ipynb", REPORT), tmp_path / "a_out.ipynb")
+    failing = write_notebook(tmp_path / "bad.ipynb", "x = 1", "raise KeyError('no such class')")
     with pytest.raises(papermill.PapermillExecutionError) as failure:
         papermill.execute_notebook(
             str(failing),
@@ -104,7 +93,7 @@ def test_a_failed_notebook_discards_the_kernel_and_names_the_cell(tmp_path, warm
         )
     assert failure.value.ename == "KeyError" and "no such class" in failure.value.evalue
     assert failure.value.cell_index == 1
-    after = _run(_notebook(tmp_path / "c.ipynb", REPORT), tmp_path / "c_out.ipynb")
+    after = _run(write_notebook(tmp_path / "c.ipynb", REPORT), tmp_path / "c_out.ipynb")
     assert after["pid"] != before["pid"], "a kernel that ran a failed notebook was reused"
 
 
@@ -121,7 +110,7 @@ def test_fresh_kernels_use_papermills_nbclient_engine_with_code_cell_saves(monke
 
 def _mixed_notebook(path: Path, *code: str) -> Path:
     """A notebook alternating Markdown and the given code cells."""
-    nb = nbformat.read(_notebook(path, *code), as_version=4)
+    nb = nbformat.read(write_notebook(path, *code), as_version=4)
     cells = []
     for cell in nb.cells:
         cells += [nbformat.v4.new_markdown_cell("Some words."), cell]
@@ -219,7 +208,7 @@ def test_a_kernel_that_dies_in_a_cell_fails_the_notebook_instead_of_hanging(
     if death == "exits":  # the kernel's own process ends in the cell; nobody kills it
         cells = (SLOW_CELLS[0].replace("time.sleep(20)", "time.sleep(1)\nos._exit(3)"),)
         cells += SLOW_CELLS[1:]
-    source = _notebook(tmp_path / "slow.ipynb", *cells)
+    source = write_notebook(tmp_path / "slow.ipynb", *cells)
 
     def kill_kernel() -> None:
         marker = tmp_path / "started"
@@ -256,5 +245,7 @@ def test_a_kernel_that_dies_in_a_cell_fails_the_notebook_instead_of_hanging(
     assert re.search(r"(?i)dead|died", repr(outcome.get("error"))), outcome
     assert not (tmp_path / "finished").exists()
     # the next notebook gets a new kernel
-    assert _run(_notebook(tmp_path / "b.ipynb", REPORT), tmp_path / "b_out.ipynb")["names"] == []
+    assert (
+        _run(write_notebook(tmp_path / "b.ipynb", REPORT), tmp_path / "b_out.ipynb")["names"] == []
+    )
     engine.shutdown_kernel()

@@ -10,6 +10,7 @@ import numpy as np
 import papermill
 
 from imgcls.reporting import notebook, overlays, plots
+from tests.conftest import write_notebook
 
 PREPARE = "from imgcls.reporting import notebook, overlays, plots\nnotebook.prepare()"
 IMAGES = "import numpy as np\nimages = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)"
@@ -23,15 +24,7 @@ LINE = "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([0, 1
 
 def _execute(tmp_path: Path, *sources: str) -> list[set[str]]:
     """Run the cells in a fresh kernel; return each cell's image MIME types."""
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
-    source, output = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
-    nbformat.write(nb, source)
+    source, output = write_notebook(tmp_path / "in.ipynb", *sources), tmp_path / "out.ipynb"
     papermill.execute_notebook(str(source), str(output), progress_bar=False, kernel_name="python3")
     return [
         {
